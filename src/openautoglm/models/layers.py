@@ -1,0 +1,119 @@
+"""Pieces shared by the architecture files: RMSNorm, RoPE tables and their two rotation styles, attention.
+
+Numerics follow transformers' modeling code (RMSNorm in float32, RoPE frequencies as in
+``modeling_rope_utils``) so that fp32 logits match it to ~1e-5. The RoPE cos/sin tables are computed once
+at build time for the whole context (constant-folded), and indexed by position in ``forward``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim/2,), with linear or llama3 scaling as transformers computes them."""
+    dim = cfg.rotary_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    kind = sc.get("rope_type")
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        lo_wl, hi_wl = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        inv_l = torch.where(wavelen > lo_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < hi_wl) * ~(wavelen > lo_wl)
+        return torch.where(medium, smoothed, inv_l)
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+
+
+class RotaryTables(nn.Module):
+    """cos/sin tables for every position of the context, (max_pos, rotary_dim).
+
+    ``interleaved=False``: HF/NeoX layout, frequencies repeated as two halves (Llama, Qwen2).
+    ``interleaved=True``: pairs (2i, 2i+1) share frequency i (GLM).
+    """
+
+    def __init__(self, cfg: ModelConfig, interleaved: bool = False):
+        super().__init__()
+        self.cfg, self.interleaved = cfg, interleaved
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def init_buffers(self, device=None) -> None:
+        inv = rope_inv_freq(self.cfg)
+        pos = torch.arange(self.cfg.max_position_embeddings, dtype=torch.int64).float()
+        freqs = pos[:, None] * inv[None, :]
+        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(device)
+        self.sin = emb.sin().to(device)
+
+    def forward(self, positions: torch.Tensor):
+        # (B, T) -> (B, 1, T, rd), broadcast over heads
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rotate_interleaved(x):
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of x (B, H, T, hd); the rest pass through (partial rotary)."""
+    rd = cos.shape[-1]
+    rot = _rotate_interleaved if interleaved else _rotate_half
+    if rd == x.shape[-1]:
+        return (x * cos) + (rot(x) * sin)
+    xr, xp = x[..., :rd], x[..., rd:]
+    return torch.cat(((xr * cos) + (rot(xr) * sin), xp), dim=-1)
+
+
+def causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Mask for a forward without cache: query t sees key j iff pos[j] <= pos[t]. (B, 1, T, T) bool."""
+    return positions[:, None, None, :] <= positions[:, None, :, None]
+
+
+def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
+    """q (B, H, T, hd), k/v (B, KV, S, hd), mask (B, 1, T, S) bool -> (B, T, H*hd)."""
+    gqa = q.shape[1] != k.shape[1]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    B, H, T, D = o.shape
+    return o.transpose(1, 2).reshape(B, T, H * D)

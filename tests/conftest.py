@@ -82,7 +82,7 @@ def tiny_engine_dir(tmp_path_factory, smollm2_tokenizer_meta):
 
     from openautoglm.tokenizer import Tokenizer
 
-    cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": 49152, "max_position_embeddings": 128},
+    cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": 49152, "max_position_embeddings": 1024},
                                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()

@@ -29,7 +29,7 @@ def test_run_stream_and_chat_flags(tiny_engine, tiny_engine_dir):
 def test_info_json(tiny_engine_dir):
     rc, out, _ = run_cli("info", "--model", str(tiny_engine_dir), "--json", "-q")
     info = json.loads(out)
-    assert rc == 0 and info["architecture"] == "llama" and info["context_length"] == 128
+    assert rc == 0 and info["architecture"] == "llama" and info["context_length"] == 1024
     assert info["parameters"] == sum(p.numel() for p in {id(p): p for p in __import__("openautoglm").Engine(
         model=tiny_engine_dir, progress=False).model.parameters()}.values())
     assert info["file_weight_bytes"] == {"F32": info["runtime_weight_bytes"]["float32"]}

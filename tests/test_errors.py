@@ -107,8 +107,8 @@ def test_unsupported_quant_type(tmp_path):
 
 
 def test_prompt_longer_than_context(tiny_engine):
-    with pytest.raises(ContextLengthExceededError, match="context window is 128"):
-        tiny_engine.infer("word " * 200)
+    with pytest.raises(ContextLengthExceededError, match="context window is 1024"):
+        tiny_engine.infer("word " * 1100)
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0),

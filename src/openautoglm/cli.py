@@ -189,6 +189,26 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .serve.app import ServeSettings, create_app
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise OpenAutoGLMError("the server needs the 'serve' extra: pip install 'openautoglm[serve]'") from None
+    if a.max_batch < 1 or a.max_queue < 0 or a.port < 0 or a.port > 65535:
+        raise OpenAutoGLMError("--max-batch must be >= 1, --max-queue >= 0 and --port in 0..65535")
+    eng = _engine(a)
+    st = ServeSettings(max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, api_key=a.api_key,
+                       kv_budget_mb=a.kv_budget_mb, request_timeout=a.timeout, prefill_chunk=a.prefill_chunk)
+    app = create_app(eng, st)
+    sys.stderr.write(f"[openautoglm] serving {app.state.model_id} on http://{a.host}:{a.port}/v1 "
+                     f"(max batch {a.max_batch}, queue {a.max_queue}, KV cache "
+                     f"{app.state.scheduler.cache.nbytes / 2**20:.0f} MiB)\n")
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=st.drain_timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -245,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model(v)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache rows)")
+    v.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    v.add_argument("--max-len", type=int, default=2048, help="per-request context: prompt + max_tokens")
+    v.add_argument("--kv-budget-mb", type=float, default=None, help="admit requests only while their KV fits")
+    v.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per scheduler step")
+    v.add_argument("--timeout", type=float, default=600.0, help="seconds before a request is abandoned")
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    v.add_argument("--quiet", "-q", action="store_true")
+    v.set_defaults(func=cmd_serve)
     return p
 
 

@@ -150,7 +150,9 @@ class Generation:
                 next_ids = sample(logits, params, gens, [s.history for s in seqs] if penalized else None)
                 for b, s in enumerate(seqs):
                     if s.finish_reason is None:
-                        yield _advance(s, int(next_ids[b]), self.eos_ids, b)
+                        tok, n = int(next_ids[b]), len(s.out_ids)
+                        piece = advance(s, tok, self.eos_ids)
+                        yield StreamEvent(b, piece, tok if len(s.out_ids) > n else None, s.finish_reason)
                 if all(s.finish_reason is not None for s in seqs):
                     return
                 # finished rows keep running on their last position (no cache growth): the batch shape stays
@@ -175,13 +177,18 @@ def generate(model, tokenizer, prompts, params, eos_ids=None, max_context=None) 
             for s in g.sequences]
 
 
-def _advance(s: Sequence, tok: int, eos_ids: set[int], index: int) -> StreamEvent:
-    """Take one sampled token for sequence s; return the text it releases (maybe empty)."""
+def advance(s, tok: int, eos_ids: set[int]) -> str:
+    """Apply one sampled token to sequence ``s`` and return the text it releases.
+
+    An end-of-sequence or stop token ends ``s`` without joining its output; any other token is appended,
+    decoded, checked against the stop strings and ``max_new``. ``s.finish_reason`` is set when ``s`` ends.
+    Shared by the batch loop here and the server's scheduler.
+    """
     p = s.params
     if (tok in eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
         s.finish_reason = "stop"
         s.text += s.detok.flush()
-        return StreamEvent(index, _release(s, final=True), None, "stop")
+        return _release(s, final=True)
     s.out_ids.append(tok)
     start = len(s.text)
     s.text += s.detok.push(tok)
@@ -192,7 +199,7 @@ def _advance(s: Sequence, tok: int, eos_ids: set[int], index: int) -> StreamEven
         cut = _stop_cut(s.text, p.stop, start)
         if cut is not None:
             s.text, s.finish_reason = s.text[:cut], "stop"
-    return StreamEvent(index, _release(s, final=s.finish_reason is not None), tok, s.finish_reason)
+    return _release(s, final=s.finish_reason is not None)
 
 
 def _release(s: Sequence, final: bool) -> str:

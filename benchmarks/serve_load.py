@@ -1,0 +1,159 @@
+"""Load benchmark for ``openautoglm serve`` against llama-cpp-python's server on the same GGUF, same run.
+
+Each level of concurrency C runs C clients; each sends ``--requests`` streaming completions one after the
+other (a fixed real-text prompt from pydoc_data.topics, greedy, ``--max-tokens`` new tokens). We record the
+aggregate generated tokens per second over the level's wall time, and the p50/p99 of time to first token and
+of inter-token latency (gaps between streamed chunks). Both servers are started here, on loopback, and stopped
+at the end.
+
+    python benchmarks/serve_load.py --concurrency 1,4,16 --json benchmarks/serve_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc, timeout=180):
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+async def one_request(client, url, prompt, max_tokens, extra):
+    body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
+    t0 = time.perf_counter()
+    stamps, n_tokens, usage = [], 0, None
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("usage"):
+                usage = d["usage"]
+            for ch in d.get("choices") or []:
+                if ch.get("text"):
+                    stamps.append(time.perf_counter())
+    n_tokens = usage["completion_tokens"] if usage else len(stamps)
+    ttft = stamps[0] - t0 if stamps else float("nan")
+    itl = [b - a for a, b in zip(stamps, stamps[1:])]
+    return n_tokens, ttft, itl
+
+
+async def level(url, prompt, concurrency, requests, max_tokens, extra):
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def worker():
+            out = []
+            for _ in range(requests):
+                out.append(await one_request(client, url, prompt, max_tokens, extra))
+            return out
+
+        t0 = time.perf_counter()
+        res = [r for w in await asyncio.gather(*(worker() for _ in range(concurrency))) for r in w]
+        wall = time.perf_counter() - t0
+    toks = sum(r[0] for r in res)
+    ttfts = sorted(r[1] for r in res)
+    itls = sorted(x for r in res for x in r[2])
+
+    def pct(xs, p):
+        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
+
+    return {"concurrency": concurrency, "requests": len(res), "tokens": toks, "wall_s": wall, "tok_s": toks / wall,
+            "ttft_p50": statistics.median(ttfts), "ttft_p99": pct(ttfts, 99),
+            "itl_p50": statistics.median(itls) if itls else float("nan"), "itl_p99": pct(itls, 99)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client at each level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--opt", default="O0")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--systems", default="openautoglm,llama-cpp-python")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+
+    from openautoglm.data import prompt_tokens
+    from openautoglm.formats import open_checkpoint
+    from openautoglm.hub import resolve
+    from openautoglm.tokenizer import Tokenizer
+
+    path = resolve(a.model)
+    tok = Tokenizer.from_gguf_metadata(open_checkpoint(path).tokenizer["metadata"])
+    prompt = tok.decode(prompt_tokens(tok, a.prompt_tokens))
+    levels = [int(x) for x in a.concurrency.split(",")]
+    results = {}
+    for system in a.systems.split(","):
+        port = free_port()
+        if system == "openautoglm":
+            cmd = [sys.executable, "-m", "openautoglm.cli", "serve", "--model", str(path), "--port", str(port),
+                   "--opt", a.opt, "--max-batch", str(max(levels)), "--max-len", "1024", "-q"]
+            extra = {"ignore_eos": True}
+        else:
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port),
+                   "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--n_ctx", "2048"]
+            extra = {}
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url + "/v1/models", proc)
+            asyncio.run(level(url, prompt, 1, 1, 8, extra))  # warm-up
+            results[system] = []
+            for c in levels:
+                r = asyncio.run(level(url, prompt, c, a.requests, a.max_tokens, extra))
+                results[system].append(r)
+                print(f"{system:18s} C={c:<3d} {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50']:.3f}s "
+                      f"p99 {r['ttft_p99']:.3f}s  ITL p50 {1000 * r['itl_p50']:.1f}ms p99 {1000 * r['itl_p99']:.1f}ms",
+                      flush=True)
+        except Exception as e:  # report, never skip silently
+            results[system] = {"skipped": True, "reason": f"{type(e).__name__}: {e}"}
+            print(f"{system}: skipped: {e}", flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if a.json:
+        from openautoglm.bench.report import machine_info
+
+        out = {"machine": machine_info(), "command": " ".join(sys.argv), "results": results}
+        tmp = Path(a.json + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, a.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The real server, driven by the official openai client (and raw HTTP for malformed input)."""
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from server_util import Server
+
+MSGS = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with Server(tiny_engine, max_batch=8, max_queue=32, max_len=1024) as s:
+        yield s
+
+
+def engine_reference(engine, messages, **kw):
+    return engine.generate(messages, **kw)[0]
+
+
+def test_models_and_health(server):
+    c = server.client()
+    ids = [m.id for m in c.models.list().data]
+    assert ids == [server.app.state.model_id]
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["running"] == 0
+
+
+def test_chat_matches_engine_and_reports_usage(server, tiny_engine):
+    c = server.client()
+    r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=12, temperature=0)
+    ref = engine_reference(tiny_engine, MSGS, max_tokens=12)
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(tiny_engine.tokenizer.encode_chat(MSGS)) == ref.prompt_tokens
+    assert r.usage.completion_tokens == ref.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_equals_non_stream(server):
+    c = server.client()
+    kw = dict(model="default", messages=MSGS, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    full = c.chat.completions.create(**kw)
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == "length" and last.usage.completion_tokens == 20
+
+
+def test_completions_stream_and_not(server, tiny_engine):
+    c = server.client()
+    r = c.completions.create(model="default", prompt="Once upon a time", max_tokens=10, temperature=0,
+                             extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tiny_engine.infer("Once upon a time", max_tokens=10, ignore_eos=True)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 10)
+    s = c.completions.create(model="default", prompt="Once upon a time", max_tokens=10, temperature=0, stream=True,
+                             extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].text for ch in s) == r.choices[0].text
+
+
+def test_stop_strings_and_finish_reason(server):
+    c = server.client()
+    kw = dict(model="default", prompt="The quick brown fox", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    full = c.completions.create(**kw).choices[0].text
+    stop = full[6:10]
+    r = c.completions.create(stop=[stop], **kw)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[: full.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible(server):
+    c = server.client()
+    kw = dict(model="default", messages=MSGS, max_tokens=16, temperature=1.0, top_p=0.9, extra_body={"ignore_eos": True})
+    a = c.chat.completions.create(seed=11, **kw).choices[0].message.content
+    b = c.chat.completions.create(seed=11, **kw).choices[0].message.content
+    others = {c.chat.completions.create(seed=s, **kw).choices[0].message.content for s in range(3)}
+    assert a == b and len(others) > 1
+
+
+def test_logprobs_match_the_model(server, tiny_engine):
+    c = server.client()
+    r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=3, temperature=0, logprobs=True,
+                                  top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-6 for t in content)  # greedy picks the top
+    ids = tiny_engine.tokenizer.encode_chat(MSGS)
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny_engine.model(torch.tensor([ids]))[0, -1], -1)
+    assert abs(content[0].logprob - float(lp.max())) < 1e-4
+
+
+def test_concurrent_greedy_requests_equal_sequential(server):
+    c = server.client()
+    prompts = [f"Request number {i}: " + "tell me more " * i for i in range(8)]
+    lens = [5 + 3 * i for i in range(8)]
+
+    def one(i):
+        return c.completions.create(model="default", prompt=prompts[i], max_tokens=lens[i], temperature=0,
+                                    extra_body={"ignore_eos": True}).choices[0].text
+
+    alone = [one(i) for i in range(8)]
+    out = [None] * 8
+    ths = [threading.Thread(target=lambda i=i: out.__setitem__(i, one(i))) for i in range(8)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    assert out == alone
+
+
+def _metric(server, name, labels=""):
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _wait(cond, timeout=30):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise AssertionError("condition not reached")
+        time.sleep(0.05)
+
+
+class LongStream:
+    """A long streaming request held open (client, response and line iterator all kept alive: dropping the
+    iterator closes the stream, which the server rightly takes as a disconnect)."""
+
+    def __init__(self, server, wait_first=True):
+        self.cl = httpx.Client(timeout=60)
+        body = {"model": "default", "prompt": "Keep going", "max_tokens": 900, "stream": True, "ignore_eos": True}
+        self.resp = self.cl.send(self.cl.build_request("POST", server.url + "/v1/completions", json=body), stream=True)
+        self.lines = self.resp.iter_lines()
+        if wait_first:
+            next(l for l in self.lines if l.startswith("data:"))
+
+    def close(self):
+        self.resp.close()
+        self.cl.close()
+
+
+def test_disconnect_frees_its_slot(server):
+    cancelled0 = _metric(server, "openautoglm_requests_total", '{status="cancelled"}')
+    a = LongStream(server)
+    _wait(lambda: _metric(server, "openautoglm_running_batch_size") == 1)
+    a.close()
+    _wait(lambda: _metric(server, "openautoglm_running_batch_size") == 0)
+    _wait(lambda: _metric(server, "openautoglm_requests_total", '{status="cancelled"}') == cancelled0 + 1)
+    assert _metric(server, "openautoglm_kv_cache_bytes_in_use") == 0
+    assert _metric(server, "openautoglm_generated_tokens_total") > 0
+
+
+def test_full_queue_answers_429(tiny_engine):
+    with Server(tiny_engine, max_batch=1, max_queue=1, max_len=1024) as s:
+        a = LongStream(s)
+        b = LongStream(s, wait_first=False)  # waits in the queue
+        _wait(lambda: _metric(s, "openautoglm_queue_depth") == 1)
+        with pytest.raises(openai.RateLimitError) as e:
+            s.client().completions.create(model="default", prompt="hi", max_tokens=2)
+        assert e.value.response.headers.get("retry-after") == "1"
+        a.close()
+        b.close()
+
+
+def test_priority_order_is_observable(tiny_engine):
+    with Server(tiny_engine, max_batch=1, max_queue=8, max_len=1024, aging_s=1000.0) as s:
+        a = LongStream(s)
+        done = {}
+
+        def req(name, prio):
+            s.client().completions.create(model="default", prompt="hi", max_tokens=4, extra_body={"priority": prio})
+            done[name] = time.monotonic()
+
+        low = threading.Thread(target=req, args=("low", 0))
+        low.start()
+        _wait(lambda: _metric(s, "openautoglm_queue_depth") == 1)
+        high = threading.Thread(target=req, args=("high", 10))
+        high.start()
+        _wait(lambda: _metric(s, "openautoglm_queue_depth") == 2)
+        a.close()
+        low.join(60)
+        high.join(60)
+        assert done["high"] < done["low"]
+
+
+def test_api_key_is_enforced(tiny_engine):
+    with Server(tiny_engine, api_key="sekrit", max_len=1024) as s:
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").models.list()
+        assert httpx.post(s.url + "/v1/completions", json={"prompt": "hi"}).status_code == 401
+        assert s.client(api_key="sekrit").completions.create(model="default", prompt="hi", max_tokens=2).usage
+        assert httpx.get(s.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ("{not json", 400, "invalid_json"),
+    ({"model": "default"}, 422, "invalid_value"),  # no messages
+    ({"model": "default", "messages": []}, 422, "invalid_value"),
+    ({"model": "default", "messages": MSGS, "max_tokens": -1}, 400, "invalid_value"),
+    ({"model": "default", "messages": MSGS, "max_tokens": 10**6}, 400, "context_length_exceeded"),
+    ({"model": "default", "messages": [{"role": "user", "content": "word " * 1100}]}, 400, "context_length_exceeded"),
+    ({"model": "default", "messages": MSGS, "n": 2}, 400, "unsupported_parameter"),
+    ({"model": "default", "messages": MSGS, "logit_bias": {"1": 5}}, 400, "unsupported_parameter"),
+    ({"model": "default", "messages": MSGS, "frobnicate": 1}, 400, "unsupported_parameter"),
+    ({"model": "default", "messages": MSGS, "temperature": -2}, 400, "invalid_value"),
+    ({"model": "gpt-4", "messages": MSGS}, 404, "model_not_found"),
+])
+def test_bad_input_gets_openai_style_4xx(server, body, status, code):
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server.url + "/v1/chat/completions", content=data, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]

@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--opt", default="O0")
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="our server's runtime dtype")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--systems", default="openautoglm,llama-cpp-python")
     ap.add_argument("--json", default=None)
@@ -119,13 +120,15 @@ def main():
         port = free_port()
         if system == "openautoglm":
             cmd = [sys.executable, "-m", "openautoglm.cli", "serve", "--model", str(path), "--port", str(port),
-                   "--opt", a.opt, "--max-batch", str(max(levels)), "--max-len", "1024", "-q"]
+                   "--opt", a.opt, "--dtype", a.dtype, "--max-batch", str(max(levels)), "--max-len", "1024", "-q"]
             extra = {"ignore_eos": True}
         else:
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port),
                    "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--n_ctx", "2048"]
             extra = {}
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # the server's log goes to a file: an unread pipe fills up and blocks the server
+        log = open(Path(a.json or "serve_load").with_suffix(f".{system}.log"), "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url + "/v1/models", proc)
@@ -146,6 +149,7 @@ def main():
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            log.close()
     if a.json:
         from openautoglm.bench.report import machine_info
 

@@ -2,7 +2,8 @@
 
 Each ``step()``: drop cancelled and timed-out requests, admit queued ones (highest priority first, with
 aging so low priorities do not starve) while a cache row is free and the KV budget holds their whole
-reservation (prompt + max_tokens), run one prefill chunk of one admitted prompt, then one batched decode step
+reservation (prompt + max_tokens), run one prefill forward over the next chunks of the admitted prompts (at
+most ``prefill_chunk`` tokens in all, oldest first), then one batched decode step
 for every running request. New requests join at the next step and finished ones leave at once, so a long
 prompt is cut into chunks interleaved with everybody else's decode. A request's events go to its ``sink``
 (a thread-safe callable); ``step`` runs on one thread (the engine's), the server lives on another.
@@ -83,7 +84,7 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, tokenizer, eos_ids: set[int], max_batch: int = 16, max_queue: int = 64,
-                 max_len: int | None = None, prefill_chunk: int = 256, kv_budget_tokens: int | None = None,
+                 max_len: int | None = None, prefill_chunk: int = 512, kv_budget_tokens: int | None = None,
                  aging_s: float = 5.0, on_metrics: Callable | None = None):
         self.model, self.tok, self.eos_ids = model, tokenizer, set(eos_ids)
         ctx = model.config.max_position_embeddings
@@ -162,9 +163,16 @@ class Scheduler:
                     self._finish(r, reason)
             self._admit(now)
             running = list(self.running)
-        prefilling = [r for r in running if r.prefilled < len(r.prompt_ids)]
+        prefilling = sorted((r for r in running if r.prefilled < len(r.prompt_ids)), key=lambda r: r.arrival)
         if prefilling:
-            self._prefill_chunk(min(prefilling, key=lambda r: r.arrival))
+            budget, batch = self.chunk, []
+            for r in prefilling:  # oldest first, up to `chunk` prompt tokens per step in all
+                n = min(len(r.prompt_ids) - r.prefilled, budget)
+                if n <= 0:
+                    break
+                batch.append((r, n))
+                budget -= n
+            self._prefill(batch)
         decoding = [r for r in running if r.next_input is not None and r.finish_reason is None]
         if decoding:
             self._decode(decoding)
@@ -203,16 +211,25 @@ class Scheduler:
         r.sink(Event(_release(r, final=True), finish_reason=reason, prompt_tokens=len(r.prompt_ids),
                      completion_tokens=len(r.out_ids)))
 
-    def _prefill_chunk(self, r: Request) -> None:
-        a, b = r.prefilled, min(r.prefilled + self.chunk, len(r.prompt_ids))
-        ids = torch.tensor([r.prompt_ids[a:b]], device=self.device)
-        pos = torch.arange(a, b, device=self.device)[None]
-        self.cache.select(torch.tensor([r.slot], device=self.device))
+    def _prefill(self, batch: list[tuple[Request, int]]) -> None:
+        """One forward over the next ``n`` prompt tokens of each request, right-padded to a common length.
+
+        Padding writes land in the row's own cache beyond its current length, where the mask hides them until
+        the row's real tokens overwrite them."""
+        T = max(n for _, n in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        pos = torch.empty(len(batch), T, dtype=torch.long)
+        for i, (r, n) in enumerate(batch):
+            ids[i, :n] = torch.tensor(r.prompt_ids[r.prefilled : r.prefilled + n])
+            pos[i] = torch.arange(r.prefilled, r.prefilled + T).clamp_(max=self.max_len - 1)
+        self.cache.select(torch.tensor([r.slot for r, _ in batch], device=self.device))
+        last = torch.tensor([n - 1 for _, n in batch], device=self.device)
         with torch.inference_mode():
-            logits = self.model(ids, pos, self.cache, logits_at=torch.tensor([b - a - 1], device=self.device))
-        r.prefilled = b
-        if b == len(r.prompt_ids):
-            self._take(r, logits[0])
+            logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, logits_at=last)
+        for i, (r, n) in enumerate(batch):
+            r.prefilled += n
+            if r.prefilled == len(r.prompt_ids):
+                self._take(r, logits[i])
 
     def _decode(self, rs: list[Request]) -> None:
         ids = torch.tensor([[r.next_input] for r in rs], device=self.device)

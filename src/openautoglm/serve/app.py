@@ -33,7 +33,7 @@ class ServeSettings:
     max_batch: int = 16
     max_queue: int = 64
     max_len: int | None = 2048  # per-request context (prompt + max_tokens); the KV cache holds max_batch of them
-    prefill_chunk: int = 256
+    prefill_chunk: int = 512  # prompt tokens per scheduler step, over all prefilling requests
     kv_budget_mb: float | None = None
     api_key: str | None = None
     request_timeout: float = 600.0

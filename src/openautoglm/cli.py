@@ -169,7 +169,12 @@ def cmd_bench(a) -> int:
     m = res["machine"]
     print(f"# {m['cpu']} | {m['cores']} cores | flags {' '.join(m['flags'])} | torch {m['versions']['torch']}"
           f" | commit {m['commit']}")
-    print(res["table"])
+    if a.markdown:
+        from .bench.report import markdown
+
+        print(markdown(res["results"]))
+    else:
+        print(res["table"])
     return 0
 
 
@@ -199,6 +204,10 @@ def cmd_serve(a) -> int:
     if a.max_batch < 1 or a.max_queue < 0 or a.port < 0 or a.port > 65535:
         raise OpenAutoGLMError("--max-batch must be >= 1, --max-queue >= 0 and --port in 0..65535")
     eng = _engine(a)
+    if a.dtype == "bf16":
+        import torch
+
+        eng.model.to(torch.bfloat16)
     st = ServeSettings(max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, api_key=a.api_key,
                        kv_budget_mb=a.kv_budget_mb, request_timeout=a.timeout, prefill_chunk=a.prefill_chunk)
     app = create_app(eng, st)
@@ -206,6 +215,26 @@ def cmd_serve(a) -> int:
                      f"(max batch {a.max_batch}, queue {a.max_queue}, KV cache "
                      f"{app.state.scheduler.cache.nbytes / 2**20:.0f} MiB)\n")
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=st.drain_timeout)
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    from pathlib import Path
+
+    if a.scheme not in ("int8", "int4"):
+        raise OpenAutoGLMError(f"scheme {a.scheme} is not built yet; available: int8, int4")
+    if a.method != "rtn":
+        raise OpenAutoGLMError(f"method {a.method} is not built yet; available: rtn")
+    if Path(a.output).exists():
+        raise OpenAutoGLMError(f"{a.output} already exists; choose a new --output directory")
+    eng = _engine(a)
+    t0 = time.perf_counter()
+    plan = eng.quantize(a.scheme, group_size=a.group_size, include_lm_head=a.include_lm_head, method=a.method)
+    out = eng.save(a.output, method=a.method)
+    size = sum(p.stat().st_size for p in Path(out).iterdir())
+    sys.stderr.write(f"[openautoglm] {len(plan)} layers -> {eng.quant_scheme} ({a.method}) in "
+                     f"{time.perf_counter() - t0:.1f}s; wrote {out} ({size / 1e6:.1f} MB)\n")
+    print(out)
     return 0
 
 
@@ -251,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", default="1", help="e.g. 1,4,16: aggregate batched decode throughput")
     b.add_argument("--json", default=None, help="write results to this JSON file")
     b.add_argument("--plot", default=None, help="write a PNG plot to this file")
+    b.add_argument("--markdown", action="store_true", help="print the table as markdown (for BENCHMARKS.md)")
     b.add_argument("--quiet", "-q", action="store_true")
     b.set_defaults(func=cmd_bench)
 
@@ -274,11 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     v.add_argument("--max-len", type=int, default=2048, help="per-request context: prompt + max_tokens")
     v.add_argument("--kv-budget-mb", type=float, default=None, help="admit requests only while their KV fits")
-    v.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per scheduler step")
+    v.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per scheduler step, in all")
     v.add_argument("--timeout", type=float, default=600.0, help="seconds before a request is abandoned")
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    v.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="runtime dtype of weights and activations (bf16: half the memory, faster GEMMs)")
     v.add_argument("--quiet", "-q", action="store_true")
     v.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("quantize", help="quantize a model and write an artifact directory")
+    _add_model(q)
+    q.add_argument("--scheme", required=True, choices=["int8", "int4", "int3", "int2", "w8a8", "auto"])
+    q.add_argument("--group-size", type=int, default=32)
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
+    q.add_argument("--target-bits", type=float, default=None, help="for --scheme auto (not built yet)")
+    q.add_argument("--include-lm-head", action="store_true", help="quantize the output projection too")
+    q.add_argument("--output", "-o", required=True)
+    q.add_argument("--quiet", "-q", action="store_true")
+    q.set_defaults(func=cmd_quantize)
     return p
 
 

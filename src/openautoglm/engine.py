@@ -107,6 +107,40 @@ class Engine:
         self.optimize_level = resolve_level(optimize_level)
         return self
 
+    # ---- compression ---------------------------------------------------------------------------------
+    def quantize(self, scheme: str = "int4", group_size: int = 32, include_lm_head: bool = False,
+                 method: str = "rtn") -> dict:
+        """Quantize the loaded model's linear layers in place (round to nearest) and return the per-layer plan.
+
+        ``scheme``: "int8" (per channel) or "int4" (per group of ``group_size``). Other schemes and the
+        data-aware methods (GPTQ, AWQ, automatic mixed precision) are not built yet and raise.
+        """
+        from .quant import Int4WeightOnlyConfig, Int8WeightOnlyConfig, QuantPlan, quantize_
+
+        if method != "rtn":
+            raise InvalidParameterError(f"method {method!r} is not built yet; available: rtn")
+        try:
+            cfg = {"int8": lambda: Int8WeightOnlyConfig(),
+                   "int4": lambda: Int4WeightOnlyConfig(group_size)}[scheme]()
+        except KeyError:
+            raise InvalidParameterError(f"scheme {scheme!r} is not built yet; available: int8, int4") from None
+        except ValueError as e:
+            raise InvalidParameterError(str(e)) from None
+        if getattr(self, "quant_plan", None):
+            raise InvalidParameterError("this model is already quantized")
+        self.quant_plan = quantize_(self.model, QuantPlan.uniform(cfg, include_lm_head=include_lm_head))
+        self.quant_scheme = scheme if scheme == "int8" else f"int4-g{group_size}"
+        return self.quant_plan
+
+    def save(self, output: str | Path, method: str = "rtn") -> Path:
+        """Write a quantized artifact directory (atomically) that ``Engine(model=output)`` loads as is."""
+        from .quant.artifact import save_artifact
+
+        if not getattr(self, "quant_plan", None):
+            raise InvalidParameterError("nothing to save: quantize the model first")
+        cfg = {k: v for k, v in self.checkpoint.config.items() if k != "quantization"}
+        return save_artifact(self.model, cfg, self.tokenizer, self.quant_plan, output, self.quant_scheme, method)
+
     # ---- generation ---------------------------------------------------------------------------------
     def _params(self, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
                 seed=None, stop=None, stop_token_ids=None, ignore_eos=False) -> SamplingParams:

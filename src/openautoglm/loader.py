@@ -21,6 +21,11 @@ def load_model(source: str | Path | Checkpoint, progress: bool = True) -> tuple[
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     cfg = ModelConfig.from_hf(ckpt.config)
     model = build_model(cfg)
+    qinfo = ckpt.config.get("quantization")
+    if qinfo:  # a quantized artifact: its planned linears become quantized modules, read as stored
+        from .quant.artifact import apply_quantized_structure
+
+        apply_quantized_structure(model, qinfo, ckpt.load_raw)
     params = dict(model.named_parameters())
     expected = set(params)
     if cfg.tie_word_embeddings:

@@ -149,3 +149,26 @@ def plot(path: str | Path, rows: list[dict], title: str) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def markdown(rows: list[dict], baseline: str = "llama.cpp") -> str:
+    """The results as a markdown table, with decode/prefill/RSS ratios against ``baseline`` at batch 1."""
+    base = {r["prompt_tokens"]: r for r in rows if not r.get("skipped") and r["system"] == baseline and r["batch"] == 1}
+    out = ["| system | config | prompt | batch | load s | TTFT s | prefill tok/s | decode tok/s (min–max) | "
+           "peak RSS MB | weights MB | GB/s | CPU-s/token | decode × llama.cpp | prefill × | RSS × |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("skipped"):
+            out.append(f"| {r['system']} | {r['config']} | {r.get('prompt_tokens', '')} | {r.get('batch', '')} | "
+                       f"skipped: {r['reason']} ||||||||||| ")
+            continue
+        b = base.get(r["prompt_tokens"])
+        ratio = (lambda k: f"{r[k] / b[k]:.2f}") if b else (lambda k: "–")
+        out.append(
+            f"| {r['system']} | {r['config']} | {r['prompt_tokens']} | {r['batch']} | {r['load_s']:.2f} | "
+            f"{r['ttft_s']:.3f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} "
+            f"({r['decode_tok_s_min']:.1f}–{r['decode_tok_s_max']:.1f}) | {r['peak_rss_mb']:.0f} | "
+            f"{r['weight_bytes'] / 1e6:.0f} | {r['gb_s']:.1f} | {r['cpu_s_per_token']:.3f} | "
+            f"{ratio('decode_tok_s') if r['batch'] == 1 else '–'} | {ratio('prefill_tok_s') if r['batch'] == 1 else '–'} | "
+            f"{ratio('peak_rss_mb')} |")
+    return "\n".join(out)

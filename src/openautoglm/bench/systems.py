@@ -47,11 +47,15 @@ class Ours:
             raise Skip(f"unknown optimize level {level}")
         if level not in AVAILABLE_LEVELS:
             raise Skip(f"optimize level {level} is not built yet (available: {', '.join(AVAILABLE_LEVELS)})")
-        if scheme not in ("fp32", "bf16"):
-            from pathlib import Path
+        from pathlib import Path
 
+        quant = None
+        if scheme in ("int8", "int4-g32", "int4-g64", "int4-g128"):
+            quant = ("int8", 0) if scheme == "int8" else ("int4", int(scheme.split("-g")[1]))
+        elif scheme not in ("fp32", "bf16"):
             if not Path(scheme).exists():
-                raise Skip(f"scheme {scheme} is not built yet (quantization issue); available: fp32, bf16")
+                raise Skip(f"scheme {scheme} is not built yet (quantization issue); "
+                           "available: fp32, bf16, int8, int4-g32/64/128, or an artifact path")
             model, scheme = scheme, "fp32"
         torch.set_num_threads(threads)
         from ..engine import Engine
@@ -60,6 +64,8 @@ class Ours:
         self.engine.compile(level)
         if scheme == "bf16":
             self.engine.model.to(torch.bfloat16)
+        if quant:  # round-to-nearest weight-only, as `openautoglm quantize --method rtn` does
+            self.engine.quantize(quant[0], group_size=quant[1] or 32)
         self.tokenizer = self.engine.tokenizer
 
     def weight_bytes(self) -> int:

@@ -34,9 +34,20 @@ class Checkpoint:
     tokenizer: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)  # format-level metadata (GGUF key/values, safetensors header)
 
+    # optional: the tensor exactly as stored (integer codes of quantized artifacts)
+    _raw_loader: Callable[[str], torch.Tensor] | None = None
+
     def load(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (HF name) as float32, with any format-specific layout undone."""
         return self._loader(name)
+
+    def load_raw(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` with its stored dtype (for integer codes); falls back to :meth:`load`."""
+        if name not in self.tensors:
+            from ..errors import InvalidModelError
+
+            raise InvalidModelError(f"{self.path} lacks tensor {name}")
+        return (self._raw_loader or self._loader)(name)
 
     def weight_bytes_by_storage(self) -> dict[str, int]:
         out: dict[str, int] = {}

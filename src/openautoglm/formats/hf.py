@@ -65,14 +65,17 @@ def read_hf_dir(path: str | Path) -> Checkpoint:
             infos[k] = TensorInfo(k, shape, dt, n * _DTYPE_NAMES.get(dt, 4))
             where[k] = fn
 
-    def load(name: str) -> torch.Tensor:
+    def load_raw(name: str) -> torch.Tensor:
         try:
-            t = handles[where[name]].get_tensor(name)
+            return handles[where[name]].get_tensor(name)
         except Exception as e:
             raise CorruptModelError(f"{path}: cannot read tensor {name} ({e})") from None
+
+    def load(name: str) -> torch.Tensor:
+        t = load_raw(name)
         return t.to(torch.float32) if t.is_floating_point() else t
 
     return Checkpoint(
-        path=path, format="safetensors", config=cfg, tensors=infos, _loader=load,
+        path=path, format="safetensors", config=cfg, tensors=infos, _loader=load, _raw_loader=load_raw,
         tokenizer={"kind": "hf", "dir": path}, metadata=meta,
     )

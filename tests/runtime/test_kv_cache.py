@@ -1,5 +1,6 @@
 """Cached decode against the uncached full forward, per architecture, and rows at different positions."""
 
+import pytest
 import torch
 
 from openautoglm.loader import load_model
@@ -44,7 +45,8 @@ def test_rows_at_different_positions_match_single_runs(hf_tiny):
         torch.testing.assert_close(batched[i], singles[i], atol=1e-4, rtol=0)
 
 
-def test_slots_map_rows_to_cache_rows(hf_tiny):
+@pytest.mark.parametrize("chosen", [[2, 0], [1, 2]])  # gathered rows, and a contiguous run (read as a view)
+def test_slots_map_rows_to_cache_rows(hf_tiny, chosen):
     """A step over a subset of cache rows (slots) equals the step over the full batch."""
     _, _, d = hf_tiny
     model, _ = load_model(d, progress=False)
@@ -56,7 +58,7 @@ def test_slots_map_rows_to_cache_rows(hf_tiny):
         ref = model(nxt, torch.full((3, 1), 8), cache)[:, 0]
         cache2 = KVCache.for_model(model, batch=3, max_len=16)
         model(ids, torch.arange(8).expand(3, 8), cache2)
-        slots = torch.tensor([2, 0])
+        slots = torch.tensor(chosen)
         cache2.select(slots)
         sub = model(nxt[slots], torch.full((2, 1), 8), cache2)[:, 0]
     torch.testing.assert_close(sub, ref[slots], atol=1e-5, rtol=0)

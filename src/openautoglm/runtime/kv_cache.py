@@ -26,10 +26,19 @@ class KVCache:
         self._heads = torch.arange(n_kv, device=device)[None, :, None]  # (1, KV, 1)
         self._step = None
         self._slots = None  # cache rows the next steps run on; None = rows 0..B-1
+        self._run = None  # (start, stop) when those rows are contiguous
 
     def select(self, slots: torch.Tensor | None) -> None:
-        """Make following forwards run batch row i on cache row ``slots[i]`` (None: row i on row i)."""
+        """Make following forwards run batch row i on cache row ``slots[i]`` (None: row i on row i).
+
+        When the slots are a run ``s0, s0+1, ...`` the step reads a view of the cache; otherwise it gathers
+        (copies) the selected rows."""
         self._slots = slots
+        self._run = None
+        if slots is not None and slots.numel():
+            s0 = int(slots[0])
+            if torch.equal(slots.cpu(), torch.arange(s0, s0 + slots.numel())):
+                self._run = (s0, s0 + slots.numel())
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -53,19 +62,20 @@ class KVCache:
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
         slots = self._slots
-        contiguous = slots is None
+        run = (0, B) if slots is None else self._run
         if slots is None:
             slots = torch.arange(B, device=positions.device)
-        self._step = (slots[:, None, None], positions[:, None, :], kv_len, contiguous, B, slots)
+        self._step = (slots[:, None, None], positions[:, None, :], kv_len, run, slots)
         j = torch.arange(kv_len, device=positions.device)
         return j[None, None, None, :] <= positions[:, None, :, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k/v (B, KV, T, hd) at the step's positions; return this step's view (B, KV, kv_len, hd)."""
-        rows, pos, kv_len, contiguous, B, slots = self._step
+        rows, pos, kv_len, run, slots = self._step
         kc, vc = self.k[layer], self.v[layer]
         kc.index_put_((rows, self._heads, pos), k)
         vc.index_put_((rows, self._heads, pos), v)
-        if contiguous:
-            return kc[:B, :, :kv_len], vc[:B, :, :kv_len]
+        if run is not None:
+            a, b = run
+            return kc[a:b, :, :kv_len], vc[a:b, :, :kv_len]
         return kc[slots, :, :kv_len], vc[slots, :, :kv_len]

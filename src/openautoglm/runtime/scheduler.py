@@ -173,7 +173,9 @@ class Scheduler:
                 batch.append((r, n))
                 budget -= n
             self._prefill(batch)
-        decoding = [r for r in running if r.next_input is not None and r.finish_reason is None]
+        # by cache row: when the rows form a run, the cache is read as a view instead of gathered
+        decoding = sorted((r for r in running if r.next_input is not None and r.finish_reason is None),
+                          key=lambda r: r.slot)
         if decoding:
             self._decode(decoding)
         self.on_metrics(self.stats())

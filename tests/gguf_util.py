@@ -16,7 +16,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path, hf_model, arch: str, qtype: str | None = None, tokenizer_meta: dict | None = None,
-               extra_kv: dict | None = None):
+               extra_kv: dict | None = None, extra_tensors: dict | None = None):
     cfg = hf_model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -54,6 +54,8 @@ def write_gguf(path, hf_model, arch: str, qtype: str | None = None, tokenizer_me
             w.add_tensor(gname, gguf.quants.quantize(data, q), raw_dtype=q)
         else:
             w.add_tensor(gname, np.ascontiguousarray(data))
+    for name, t in (extra_tensors or {}).items():
+        w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

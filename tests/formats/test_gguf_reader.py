@@ -34,3 +34,24 @@ def test_gguf_quantized_matches_dequantized_hf(tmp_path, qtype):
     ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_gguf_rope_freqs_tensor_gives_llama3_scaling(tmp_path):
+    """llama.cpp writes llama3 RoPE scaling as a rope_freqs tensor (convert_hf_to_gguf's generate_extra_tensors)."""
+    import numpy as np
+    import gguf
+
+    from openautoglm.models.config import ModelConfig
+    from openautoglm.models.layers import rope_inv_freq
+
+    hf = make_hf_model("llama3-scaled")
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    plain = ModelConfig.from_hf({**hf.config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})
+    factors = (rope_inv_freq(plain) / rope_inv_freq(cfg)).numpy().astype(np.float32)
+    assert not np.allclose(factors, 1.0)  # the scaling matters at these frequencies
+    path = write_gguf(tmp_path / "m.gguf", hf, "llama", extra_tensors={"rope_freqs.weight": factors})
+    ours, ckpt = load_model(path, progress=False)
+    assert ckpt.config["rope_scaling"]["rope_type"] == "freq_factors"
+    ids = torch.randint(0, 320, (1, 150), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)

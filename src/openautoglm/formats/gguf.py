@@ -106,6 +106,12 @@ def read_gguf(path: str | Path) -> Checkpoint:
     gguf_names = {t.name for t in reader.tensors}
     cfg = config_from_metadata(meta, gguf_names)
     arch = meta["general.architecture"]
+    rf = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rf is not None:
+        # llama.cpp stores llama3-style RoPE scaling as per-frequency divisors: theta_i = pos * inv_freq_i / f_i
+        factors = dequantize(torch.from_numpy(np.array(rf.data, copy=True).view(np.uint8)), rf.tensor_type.name,
+                             (int(rf.n_elements),))
+        cfg["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors.tolist()}
 
     infos: dict[str, TensorInfo] = {}
     by_hf = {}

@@ -34,7 +34,8 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float
     rope_theta: float
-    #: None, or a dict with ``rope_type`` in {"linear", "llama3"} and that type's parameters.
+    #: None, or a dict with ``rope_type`` in {"linear", "llama3", "freq_factors"} and that type's parameters
+    #: (``freq_factors``: GGUF's ``rope_freqs`` divisors, one per frequency).
     rope_scaling: dict | None = None
     #: Fraction of ``head_dim`` that is rotated (GLM: 0.5).
     partial_rotary_factor: float = 1.0

@@ -47,6 +47,11 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     kind = sc.get("rope_type")
     if kind == "linear":
         return inv / sc["factor"]
+    if kind == "freq_factors":  # GGUF rope_freqs: llama.cpp divides each frequency by its factor
+        f = torch.tensor(sc["factors"], dtype=torch.float32)
+        if f.numel() != inv.numel():
+            raise ValueError(f"rope freq factors: {f.numel()} values for {inv.numel()} frequencies")
+        return inv / f
     if kind == "llama3":
         factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
         old = sc["original_max_position_embeddings"]
@@ -57,7 +62,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
         medium = ~(wavelen < hi_wl) * ~(wavelen > lo_wl)
         return torch.where(medium, smoothed, inv_l)
-    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, freq_factors)")
 
 
 class RotaryTables(nn.Module):

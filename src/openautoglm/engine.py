@@ -233,12 +233,14 @@ class Engine:
 
 
 def _runtime_bytes(model) -> dict[str, int]:
+    """Bytes of the weights as held in memory, by dtype: parameters and persistent buffers (quantized codes,
+    scales), tied tensors counted once; recomputed tables (RoPE) are not weights."""
     out: dict[str, int] = {}
     seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
+    for t in model.state_dict().values():
+        if t.data_ptr() in seen:
             continue
-        seen.add(id(p))
-        k = str(p.dtype).replace("torch.", "")
-        out[k] = out.get(k, 0) + p.numel() * p.element_size()
+        seen.add(t.data_ptr())
+        k = str(t.dtype).replace("torch.", "")
+        out[k] = out.get(k, 0) + t.numel() * t.element_size()
     return out

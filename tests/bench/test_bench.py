@@ -19,7 +19,7 @@ RESULT_KEYS = {"system", "config", "load_s", "ttft_s", "prefill_tok_s", "decode_
 def bench_out(tiny_engine_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "openautoglm.cli", "bench", "--model", str(tiny_engine_dir), "--configs",
-           "O0:fp32,O0:bf16,O3:int4-g32,O0:int8", "--peers", "llama.cpp,transformers", "--prompt-tokens", "8,16",
+           "O0:fp32,O0:bf16,O3:int4-g32,O0:w8a8", "--peers", "llama.cpp,transformers", "--prompt-tokens", "8,16",
            "--gen-tokens", "4", "--trials", "2", "--batch-sizes", "1,2", "--threads", "1",
            "--json", str(d / "b.json"), "--plot", str(d / "b.png"), "-q"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -51,7 +51,7 @@ def test_skipped_systems_say_why(bench_out):
     data, _, out = bench_out
     skipped = {(r["system"], r["config"]): r["reason"] for r in data["results"] if r["skipped"]}
     assert "not built yet" in skipped[("openautoglm", "O3:int4-g32")]
-    assert "not built yet" in skipped[("openautoglm", "O0:int8")]
+    assert "not built yet" in skipped[("openautoglm", "O0:w8a8")]
     assert "gguf" in skipped[("llama.cpp", "gguf")].lower()
     assert out.count("skipped:") == len(skipped)
 

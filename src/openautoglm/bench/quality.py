@@ -28,7 +28,7 @@ class OursScorer:
             engine.model.to(torch.bfloat16)
         elif dtype != "fp32":
             raise InvalidParameterError(f"dtype must be fp32 or bf16, got {dtype!r}")
-        self.label = f"openautoglm {dtype}"
+        self.label = f"openautoglm {dtype} {Path(str(engine.model_path)).name}"
 
     def weight_bytes(self) -> int:
         return sum(self.engine.info()["runtime_weight_bytes"].values())
@@ -145,7 +145,6 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
     if ctx > ref_engine.config.max_position_embeddings:
         raise InvalidParameterError(f"--ctx {ctx} exceeds the model's context ({ref_engine.config.max_position_embeddings})")
     reference_scorer = OursScorer(ref_engine, "fp32")
-    reference_scorer.label = f"openautoglm fp32 {Path(str(ref_engine.model_path)).name}"
     n_weights = count_weights(ref_engine.model)
     if peer == "llama.cpp":
         cand = LlamaCppScorer(ref_engine.model_path if reference is None else model, ctx)

@@ -1,7 +1,8 @@
 """Load benchmark for ``openautoglm serve`` against llama-cpp-python's server on the same GGUF, same run.
 
 Each level of concurrency C runs C clients; each sends ``--requests`` streaming completions one after the
-other (a fixed real-text prompt from pydoc_data.topics, greedy, ``--max-tokens`` new tokens). We record the
+other (greedy, ``--max-tokens`` new tokens), each with its own ``--prompt-tokens`` slice of real text from
+pydoc_data.topics, so neither server can serve a prompt from a cached prefix. We record the
 aggregate generated tokens per second over the level's wall time, and the p50/p99 of time to first token and
 of inter-token latency (gaps between streamed chunks). Both servers are started here, on loopback, and stopped
 at the end.
@@ -67,18 +68,19 @@ async def one_request(client, url, prompt, max_tokens, extra):
     return n_tokens, ttft, itl
 
 
-async def level(url, prompt, concurrency, requests, max_tokens, extra):
+async def level(url, prompts, concurrency, requests, max_tokens, extra):
+    """``prompts``: one distinct prompt per request, so no server can reuse a cached prefix."""
     import httpx
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        async def worker():
+        async def worker(c):
             out = []
-            for _ in range(requests):
-                out.append(await one_request(client, url, prompt, max_tokens, extra))
+            for i in range(requests):
+                out.append(await one_request(client, url, prompts[(c * requests + i) % len(prompts)], max_tokens, extra))
             return out
 
         t0 = time.perf_counter()
-        res = [r for w in await asyncio.gather(*(worker() for _ in range(concurrency))) for r in w]
+        res = [r for w in await asyncio.gather(*(worker(c) for c in range(concurrency))) for r in w]
         wall = time.perf_counter() - t0
     toks = sum(r[0] for r in res)
     ttfts = sorted(r[1] for r in res)
@@ -113,8 +115,10 @@ def main():
 
     path = resolve(a.model)
     tok = Tokenizer.from_gguf_metadata(open_checkpoint(path).tokenizer["metadata"])
-    prompt = tok.decode(prompt_tokens(tok, a.prompt_tokens))
     levels = [int(x) for x in a.concurrency.split(",")]
+    n_prompts = max(levels) * a.requests + 1
+    ids = prompt_tokens(tok, a.prompt_tokens * n_prompts)
+    prompts = [tok.decode(ids[i * a.prompt_tokens : (i + 1) * a.prompt_tokens]) for i in range(n_prompts)]
     results = {}
     for system in a.systems.split(","):
         port = free_port()
@@ -123,8 +127,10 @@ def main():
                    "--opt", a.opt, "--dtype", a.dtype, "--max-batch", str(max(levels)), "--max-len", "1024", "-q"]
             extra = {"ignore_eos": True}
         else:
+            # interrupt_requests off: by default a new request aborts the stream in flight
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port),
-                   "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--n_ctx", "2048"]
+                   "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--n_ctx", "2048",
+                   "--interrupt_requests", "False"]
             extra = {}
         # the server's log goes to a file: an unread pipe fills up and blocks the server
         log = open(Path(a.json or "serve_load").with_suffix(f".{system}.log"), "w")
@@ -132,10 +138,10 @@ def main():
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url + "/v1/models", proc)
-            asyncio.run(level(url, prompt, 1, 1, 8, extra))  # warm-up
+            asyncio.run(level(url, prompts[-1:], 1, 1, 8, extra))  # warm-up
             results[system] = []
             for c in levels:
-                r = asyncio.run(level(url, prompt, c, a.requests, a.max_tokens, extra))
+                r = asyncio.run(level(url, prompts, c, a.requests, a.max_tokens, extra))
                 results[system].append(r)
                 print(f"{system:18s} C={c:<3d} {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50']:.3f}s "
                       f"p99 {r['ttft_p99']:.3f}s  ITL p50 {1000 * r['itl_p50']:.1f}ms p99 {1000 * r['itl_p99']:.1f}ms",

@@ -235,6 +235,25 @@ def create_app(engine, settings: ServeSettings | None = None):
              "bytes": list(t.encode("utf-8"))} for i, v in (top or [])]
         return ent
 
+    def sse_response(evs, base: dict, obj: str, choice, head: dict | None = None):
+        """Server-sent events: ``head`` first, then a chunk per event that ``choice`` turns into a choice; the
+        last chunk carries ``usage``; then ``[DONE]``."""
+        async def gen():
+            if head is not None:
+                yield _sse(head)
+            async for ev in evs:
+                ch = choice(ev)
+                if ch is None:
+                    continue
+                chunk = {**base, "object": obj, "choices": [ch]}
+                if ev.finish_reason:
+                    chunk["usage"] = usage(ev)
+                    metrics.requests.labels(status=status_of(ev.finish_reason)).inc()
+                yield _sse(chunk)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
     def usage(ev: Event) -> dict:
         return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
@@ -258,24 +277,17 @@ def create_app(engine, settings: ServeSettings | None = None):
         base = {"id": cid, "created": created, "model": model_id}
 
         if body.stream:
-            async def sse():
-                yield _sse({**base, "object": "chat.completion.chunk",
-                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]})
-                async for ev in events(http, req, q):
-                    lp = {"content": [lp_entry(ev.token_id, ev.logprob, ev.top_logprobs)]} \
-                        if k is not None and ev.token_id is not None else None
-                    if ev.text or lp or ev.finish_reason:
-                        ch = {"index": 0, "delta": {"content": ev.text} if ev.text else {}, "logprobs": lp,
-                              "finish_reason": finish(ev.finish_reason) if ev.finish_reason else None}
-                        chunk = {**base, "object": "chat.completion.chunk", "choices": [ch]}
-                        if ev.finish_reason:
-                            chunk["usage"] = usage(ev)
-                            metrics.requests.labels(status=status_of(ev.finish_reason)).inc()
-                        yield _sse(chunk)
-                yield "data: [DONE]\n\n"
+            def choice(ev):
+                lp = {"content": [lp_entry(ev.token_id, ev.logprob, ev.top_logprobs)]} \
+                    if k is not None and ev.token_id is not None else None
+                if not (ev.text or lp or ev.finish_reason):
+                    return None
+                return {"index": 0, "delta": {"content": ev.text} if ev.text else {}, "logprobs": lp,
+                        "finish_reason": finish(ev.finish_reason) if ev.finish_reason else None}
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            head = {**base, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+            return sse_response(events(http, req, q), base, "chat.completion.chunk", choice, head)
 
         text, lps, last = "", [], None
         async for ev in events(http, req, q):
@@ -316,19 +328,13 @@ def create_app(engine, settings: ServeSettings | None = None):
                 raise APIError(400, "streaming takes a single prompt", "unsupported_parameter", param="prompt")
             req, q = subs[0]
 
-            async def sse():
-                async for ev in events(http, req, q):
-                    if ev.text or ev.finish_reason:
-                        chunk = {**base, "object": "text_completion",
-                                 "choices": [{"index": 0, "text": ev.text, "logprobs": None,
-                                              "finish_reason": finish(ev.finish_reason) if ev.finish_reason else None}]}
-                        if ev.finish_reason:
-                            chunk["usage"] = usage(ev)
-                            metrics.requests.labels(status=status_of(ev.finish_reason)).inc()
-                        yield _sse(chunk)
-                yield "data: [DONE]\n\n"
+            def choice(ev):
+                if not (ev.text or ev.finish_reason):
+                    return None
+                return {"index": 0, "text": ev.text, "logprobs": None,
+                        "finish_reason": finish(ev.finish_reason) if ev.finish_reason else None}
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return sse_response(events(http, req, q), base, "text_completion", choice)
 
         async def collect(req, q):
             text, last = "", None

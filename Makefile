@@ -33,7 +33,7 @@ BENCH_ARGS ?= --configs O0:fp32,O0:bf16 --peers llama.cpp,transformers --prompt-
 	--trials 5 --json benchmarks/bench.json --plot benchmarks/bench.png
 
 $(VENV)/.installed-peers: $(VENV)/.installed-test
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install --quiet --no-cache-dir 'llama-cpp-python>=0.3'
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install --quiet --no-cache-dir 'llama-cpp-python[server]>=0.3' httpx
 	touch $@
 
 install-peers: $(VENV)/.installed-peers

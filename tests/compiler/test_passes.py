@@ -12,10 +12,12 @@ from openautoglm.runtime.kv_cache import KVCache
 EXPECTED_SITES = {  # per tiny arch (2 layers): which passes apply
     "fuse_qkv": 2,
     "fuse_gate_up": {"glm4": 0, "glm": 0},  # GLM checkpoints are already fused
+    # 2 layers x (input norm + MLP-input norm), + the final norm when lm_head is untied
+    "fold_rmsnorm": {"llama-tied": 4, "qwen2": 4, "glm4": 5, "glm": 5, "llama-untied": 5, "llama3-scaled": 5},
 }
 
 
-@pytest.mark.parametrize("names", [("fuse_qkv",), ("fuse_gate_up",), PASSES])
+@pytest.mark.parametrize("names", [("fuse_qkv",), ("fuse_gate_up",), ("fold_rmsnorm",), PASSES])
 def test_pass_preserves_logits_and_cached_decode(hf_tiny, names):
     arch, _, d = hf_tiny
     before, _ = load_model(d, progress=False)
@@ -50,8 +52,8 @@ def test_passes_are_idempotent_and_skip_quantized(tiny_engine_dir):
     from openautoglm.quant import Int8WeightOnlyConfig, quantize_
 
     m, _ = load_model(tiny_engine_dir, progress=False)
-    assert run_passes(m) == {"fuse_qkv": 2, "fuse_gate_up": 2}
-    assert run_passes(m) == {"fuse_qkv": 0, "fuse_gate_up": 0}
+    assert run_passes(m) == {"fuse_qkv": 2, "fuse_gate_up": 2, "fold_rmsnorm": 4}  # tied head: final norm kept
+    assert run_passes(m) == {"fuse_qkv": 0, "fuse_gate_up": 0, "fold_rmsnorm": 0}
     q, _ = load_model(tiny_engine_dir, progress=False)
     quantize_(q, Int8WeightOnlyConfig())
-    assert run_passes(q) == {"fuse_qkv": 0, "fuse_gate_up": 0}
+    assert run_passes(q) == {"fuse_qkv": 0, "fuse_gate_up": 0, "fold_rmsnorm": 0}

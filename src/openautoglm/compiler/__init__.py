@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-# order matters: fusions run before anything that looks at the fused modules
-PASSES = ("fuse_qkv", "fuse_gate_up")
+# order matters: fusions run first, so folding scales the fused weights once
+PASSES = ("fuse_qkv", "fuse_gate_up", "fold_rmsnorm")
 
 
 def get_pass(name: str):

@@ -16,7 +16,7 @@ import torch
 
 from .errors import DeviceNotAvailableError, InvalidParameterError, OptimizeLevelError
 from .hub import DEFAULT_MODEL, resolve
-from .runtime.generate import Generation, GenerationResult
+from .runtime.generate import Generation, GenerationResult, generate
 from .runtime.sampler import SamplingParams
 
 #: Every optimize level, in order. See ``compile``.
@@ -166,11 +166,7 @@ class Engine:
     def generate(self, input_data, **kwargs) -> list[GenerationResult]:
         """Full results (text, token ids, finish reason, token counts), one per prompt."""
         prompts, _ = self.encode_input(input_data)
-        g = Generation(self.model, self.tokenizer, prompts, self._params(**kwargs), self.eos_ids)
-        for _ in g:
-            pass
-        return [GenerationResult(s.text, s.out_ids, s.finish_reason, len(s.prompt_ids), len(s.out_ids))
-                for s in g.sequences]
+        return generate(self.model, self.tokenizer, prompts, self._params(**kwargs), self.eos_ids)
 
     def infer(self, input_data, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
               top_k: int = 0, seed: int | None = None, stop=None, **kwargs):

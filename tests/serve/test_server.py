@@ -220,3 +220,13 @@ def test_bad_input_gets_openai_style_4xx(server, body, status, code):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"]
+
+
+def test_default_max_tokens_fill_the_context(server):
+    """No max_tokens: chat generates up to the context (OpenAI's rule); completions default to 16."""
+    c = server.client()
+    r = c.chat.completions.create(model="default", messages=MSGS, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == 1024
+    r = c.completions.create(model="default", prompt="hi", temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16

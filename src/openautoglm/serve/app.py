@@ -163,12 +163,15 @@ def create_app(engine, settings: ServeSettings | None = None):
             if v != UNSUPPORTED[k] and v is not None:
                 raise APIError(400, f"parameter {k!r}={v!r} is not supported", "unsupported_parameter", param=k)
 
-    def sampling(body, max_tokens) -> SamplingParams:
+    def sampling(body, max_tokens, n_prompt: int) -> SamplingParams:
+        """Sampling parameters for a prompt of ``n_prompt`` tokens; no max_tokens means up to the context,
+        as OpenAI does (a prompt that leaves no room fails at submit with context_length_exceeded)."""
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, "max_tokens must be at least 1", "invalid_value", param="max_tokens")
-        ctx = sched.max_len
+        if max_tokens is None:
+            max_tokens = max(1, sched.max_len - n_prompt)
         try:
-            return SamplingParams(max_tokens=max_tokens if max_tokens is not None else ctx, temperature=body.temperature,
+            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                   top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                                   repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop or (),
                                   ignore_eos=body.ignore_eos)
@@ -178,9 +181,6 @@ def create_app(engine, settings: ServeSettings | None = None):
     def submit(prompt_ids, params, body, logprobs=None):
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
-        if params.max_tokens + len(prompt_ids) > sched.max_len and body_max_tokens(body) is None:
-            # no explicit max_tokens: generate up to the context, as OpenAI does
-            params = SamplingParams(**{**params.__dict__, "max_tokens": max(1, sched.max_len - len(prompt_ids))})
         req = Request(prompt_ids, params, sink=lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev),
                       priority=body.priority, timeout_s=body.timeout or st.request_timeout, logprobs=logprobs)
         try:
@@ -268,9 +268,8 @@ def create_app(engine, settings: ServeSettings | None = None):
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         check_model(body.model)
         check_unsupported(body)
-        mt = body.max_completion_tokens or body.max_tokens
-        params = sampling(body, mt)
         ids = encode_messages(body)
+        params = sampling(body, body.max_completion_tokens or body.max_tokens, len(ids))
         k = (body.top_logprobs or 0) if body.logprobs else None
         req, q = submit(ids, params, body, logprobs=k)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -316,8 +315,9 @@ def create_app(engine, settings: ServeSettings | None = None):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
             raise APIError(400, "prompt must be a non-empty string or list of strings", "invalid_value", param="prompt")
-        params = sampling(body, body.max_tokens)
-        subs = [submit(engine.tokenizer.encode(p), params, body) for p in prompts]
+        encoded = [engine.tokenizer.encode(p) for p in prompts]
+        params = [sampling(body, body.max_tokens, len(ids)) for ids in encoded]  # all validated before any submit
+        subs = [submit(ids, pp, body) for ids, pp in zip(encoded, params)]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": cid, "created": created, "model": model_id}
 
@@ -375,10 +375,6 @@ def create_app(engine, settings: ServeSettings | None = None):
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def body_max_tokens(body):
-    return getattr(body, "max_completion_tokens", None) or body.max_tokens
 
 
 def _sse(obj) -> str:

@@ -44,7 +44,7 @@ def _sampling_kwargs(a) -> dict:
                 repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
 
 
-def _engine(a):
+def _engine(a, compile: bool = True):
     from .engine import Engine, resolve_device, resolve_level
     from .runtime.sampler import SamplingParams
 
@@ -55,16 +55,15 @@ def _engine(a):
         SamplingParams(**_sampling_kwargs(a))
     eng = Engine(model=a.model, progress=not getattr(a, "quiet", False))
     eng.enable_hardware_acceleration(a.device)
-    eng.compile(optimize_level=a.opt)
+    if compile:
+        eng.compile(optimize_level=a.opt)
     return eng
 
 
 def _generate_timed(eng, input_data, kwargs, on_text):
     """Run one generation, streaming text to ``on_text``; return (result counts, timings)."""
-    from .runtime.generate import Generation
-
     prompts, _ = eng.encode_input(input_data)
-    g = Generation(eng.model, eng.tokenizer, prompts, eng._params(**kwargs), eng.eos_ids)
+    g = eng.new_generation(prompts, eng._params(**kwargs))
     t0 = time.perf_counter()
     t_first = None
     for ev in g:
@@ -190,7 +189,7 @@ def cmd_eval(a) -> int:
     print(f"PPL        {r.ppl:.4f}  (reference {r.ppl_reference:.4f})")
     print(f"KLD        mean {r.kld_mean:.6f}  p99 {r.kld_p99:.6f}  max {r.kld_max:.6f}")
     print(f"top-1      {100 * r.top1_agreement:.2f}% agreement")
-    print(f"weights    {r.weight_bytes / 1e6:.1f} MB, {r.bits_per_weight:.2f} bits per weight")
+    print(f"weights    {r.weight_bytes / 1e6:.1f} MB on disk, {r.bits_per_weight:.2f} bits per weight")
     return 0
 
 
@@ -219,22 +218,37 @@ def cmd_serve(a) -> int:
 
 
 def cmd_quantize(a) -> int:
+    import json
     from pathlib import Path
 
-    if a.scheme not in ("int8", "int4"):
-        raise OpenAutoGLMError(f"scheme {a.scheme} is not built yet; available: int8, int4")
-    if a.method != "rtn":
-        raise OpenAutoGLMError(f"method {a.method} is not built yet; available: rtn")
     if Path(a.output).exists():
         raise OpenAutoGLMError(f"{a.output} already exists; choose a new --output directory")
-    eng = _engine(a)
+    calib = None
+    if a.calib:
+        p = Path(a.calib)
+        if not p.is_file():
+            raise OpenAutoGLMError(f"calibration file not found: {a.calib}")
+        calib = p.read_text(encoding="utf-8", errors="replace")
+    from .quant.pipeline import check_options
+
+    check_options(a.scheme, a.group_size, a.method, a.target_bits, a.calib_tokens, a.embeddings)
+    eng = _engine(a, compile=False)
     t0 = time.perf_counter()
-    plan = eng.quantize(a.scheme, group_size=a.group_size, include_lm_head=a.include_lm_head, method=a.method)
-    out = eng.save(a.output, method=a.method)
+    plan = eng.quantize(a.scheme, group_size=a.group_size, method=a.method, target_bits=a.target_bits,
+                        embeddings=a.embeddings, calib_text=calib, calib_tokens=a.calib_tokens,
+                        act_order=not a.no_act_order)
+    r = eng.quant_result
+    out = eng.save(a.output)
     size = sum(p.stat().st_size for p in Path(out).iterdir())
-    sys.stderr.write(f"[openautoglm] {len(plan)} layers -> {eng.quant_scheme} ({a.method}) in "
-                     f"{time.perf_counter() - t0:.1f}s; wrote {out} ({size / 1e6:.1f} MB)\n")
-    print(out)
+    sys.stderr.write(f"[openautoglm] {len(plan)} layers -> {r.scheme} ({r.method}), {r.bits_per_weight:.3f} bits/weight, "
+                     f"calibration KLD {r.calibration_kld:.5f}, in {time.perf_counter() - t0:.1f}s; "
+                     f"wrote {out} ({size / 1e6:.1f} MB)\n")
+    if a.json:
+        print(json.dumps({"output": str(out), "scheme": r.scheme, "method": r.method, "layers": len(plan),
+                          "bits_per_weight": r.bits_per_weight, "calibration_kld": r.calibration_kld,
+                          "bytes_on_disk": size, **({"report": r.report} if r.report else {})}))
+    else:
+        print(out)
     return 0
 
 
@@ -315,10 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write an artifact directory")
     _add_model(q)
     q.add_argument("--scheme", required=True, choices=["int8", "int4", "int3", "int2", "w8a8", "auto"])
-    q.add_argument("--group-size", type=int, default=32)
+    q.add_argument("--group-size", type=int, default=32, help="int4/int3/int2 group size: 32, 64, 128 or 256")
     q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
-    q.add_argument("--target-bits", type=float, default=None, help="for --scheme auto (not built yet)")
-    q.add_argument("--include-lm-head", action="store_true", help="quantize the output projection too")
+    q.add_argument("--target-bits", type=float, default=None,
+                   help="--scheme auto: average bits per weight, scales and zeros included")
+    q.add_argument("--calib", default=None, help="calibration text file (default: Python's pydoc topics, first half)")
+    q.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens for gptq/awq")
+    q.add_argument("--no-act-order", action="store_true", help="gptq: visit columns in order")
+    q.add_argument("--embeddings", default="int8", choices=["int8", "same", "float"],
+                   help="the embedding table and lm_head: int8 (default), the same scheme, or float")
+    q.add_argument("--json", action="store_true", help="print a JSON summary instead of the output path")
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--quiet", "-q", action="store_true")
     q.set_defaults(func=cmd_quantize)

@@ -31,6 +31,10 @@ class OursScorer:
         self.label = f"openautoglm {dtype} {Path(str(engine.model_path)).name}"
 
     def weight_bytes(self) -> int:
+        """Bytes of the weights on disk (the checkpoint's tensors), as llama.cpp reports its model size."""
+        return sum(self.engine.checkpoint.weight_bytes_by_storage().values())
+
+    def runtime_weight_bytes(self) -> int:
         return sum(self.engine.info()["runtime_weight_bytes"].values())
 
     def logits(self, ids: list[int]) -> torch.Tensor:
@@ -77,8 +81,9 @@ class EvalResult:
     tokens: int
     windows: int
     ctx: int
-    weight_bytes: int
-    bits_per_weight: float
+    weight_bytes: int  # the candidate's weights on disk
+    bits_per_weight: float  # 8 * weight_bytes / the reference's parameter count
+    runtime_weight_bytes: int | None = None  # as held in memory while scoring (ours only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,12 +122,31 @@ def evaluate(candidate, reference, tokens: list[int], n_tokens: int = 2048, ctx:
         kld_mean=float(kl.mean()), kld_p99=float(torch.quantile(kl, 0.99)), kld_max=float(kl.max()),
         top1_agreement=agree / kl.numel(), tokens=int(kl.numel()), windows=len(wins), ctx=ctx,
         weight_bytes=wb, bits_per_weight=8 * wb / n_weights if n_weights else float("nan"),
+        runtime_weight_bytes=candidate.runtime_weight_bytes() if hasattr(candidate, "runtime_weight_bytes") else None,
     )
 
 
 def count_weights(model) -> int:
     """Parameters of the model, tied ones counted once (the denominator of bits per weight)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def quantized_source(model: str) -> str | None:
+    """The model a quantized artifact was made from (its default reference), or None for other models."""
+    import json
+
+    from ..errors import ModelNotFoundError
+
+    cfg = Path(str(model)) / "config.json"
+    if not cfg.is_file():
+        return None
+    q = json.loads(cfg.read_text()).get("quantization")
+    if not q:
+        return None
+    src = q.get("source")
+    if not src or not Path(src).exists():
+        raise ModelNotFoundError(f"{model} was quantized from {src}, which is not here; pass --reference")
+    return src
 
 
 def run_eval(model: str, reference: str | None = None, text_file: str | None = None, n_tokens: int = 2048,
@@ -133,6 +157,8 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
 
     if n_tokens < ctx:
         raise InvalidParameterError(f"--tokens ({n_tokens}) must be at least --ctx ({ctx})")
+    if reference is None and peer is None:
+        reference = quantized_source(model)
     ref_engine = Engine(model=reference or model, progress=progress)
     if text_file:
         p = Path(text_file)

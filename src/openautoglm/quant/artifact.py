@@ -19,7 +19,6 @@ from torch import nn
 
 from ..errors import InvalidModelError, InvalidParameterError
 from .config import config_from_dict, config_to_dict
-from .modules import MODULES
 
 FORMAT_VERSION = 1
 
@@ -34,11 +33,11 @@ def save_artifact(model: nn.Module, hf_config: dict, tokenizer, plan_record: dic
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        sd = {}
-        tied = hf_config.get("tie_word_embeddings") and isinstance(getattr(model, "lm_head", None), nn.Linear)
+        sd, seen = {}, set()
         for k, v in model.state_dict().items():
-            if tied and k == "lm_head.weight":
-                continue
+            if v.data_ptr() in seen or k.endswith("._dtype"):
+                continue  # tied tensors are stored once
+            seen.add(v.data_ptr())
             sd[k] = v.detach().contiguous().clone()
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = dict(hf_config)
@@ -66,22 +65,25 @@ def apply_quantized_structure(model: nn.Module, qinfo: dict, load) -> set[str]:
     if qinfo.get("format_version") != FORMAT_VERSION:
         raise InvalidModelError(f"quantized artifact format {qinfo.get('format_version')} is not supported "
                                 f"(this version reads {FORMAT_VERSION})")
+    from .api import install
+    from .modules import from_qparams
+    from .primitives import unpack_bits
+
     used = set()
     for name, cd in qinfo.get("plan", {}).items():
         cfg = config_from_dict(cd)
-        lin = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        has_bias = lin.bias is not None
-        t = {k: load(f"{name}.{k}") for k in (("qweight", "scales") + (("zeros",) if cfg.scheme == "int4" else ()))}
-        bias = load(f"{name}.bias") if has_bias else None
-        used |= {f"{name}.{k}" for k in t} | ({f"{name}.bias"} if has_bias else set())
-        if cfg.scheme == "int8":
-            mod = MODULES["int8"](t["qweight"].to(torch.int8), t["scales"], bias)
+        layer = model.get_submodule(name)
+        prefix = f"{name}.table" if name == "model.embed_tokens" else name
+        has_bias = getattr(layer, "bias", None) is not None
+        keys = ("qweight", "scales") + (("zeros",) if hasattr(cfg, "bits") else ())
+        t = {k: load(f"{prefix}.{k}") for k in keys}
+        bias = load(f"{prefix}.bias") if has_bias else None
+        used |= {f"{prefix}.{k}" for k in t} | ({f"{prefix}.bias"} if has_bias else set())
+        if hasattr(cfg, "bits"):
+            K = layer.embedding_dim if isinstance(layer, nn.Embedding) else layer.in_features
+            codes = unpack_bits(t["qweight"].to(torch.uint8), cfg.bits, K)
+            mod = from_qparams(cfg, codes, t["scales"], t["zeros"], bias)
         else:
-            from .primitives import unpack_bits
-
-            codes = unpack_bits(t["qweight"].to(torch.uint8), 4, lin.in_features)
-            mod = MODULES["int4"](codes, t["scales"], t["zeros"], cfg.group_size, bias)
-        setattr(parent, child, mod)
+            mod = from_qparams(cfg, t["qweight"].to(torch.int8), t["scales"], None, bias)
+        install(model, name, mod)
     return used

@@ -1,9 +1,17 @@
-"""Quantized linear layers on torch's CPU weight-only kernels, each with a dequantize-then-matmul reference.
+"""Quantized layers on torch's CPU kernels, each with a dequantize-then-matmul reference (``forward_reference``).
+
+- ``Int8Linear``: int8 weights per channel on ``_weight_int8pack_mm`` (bf16 activations).
+- ``IntxLinear``: int2/int3/int4 weights per group, stored bit-packed, all run on
+  ``_weight_int4pack_mm_for_cpu``: a b-bit code ``q`` with ``w = (q - 2^(b-1)) * s + z`` is the 4-bit code ``q``
+  moved up by ``8 - 2^(b-1)`` (the same weights, exactly). The int4 packed layout depends on the CPU, so it is built at first use.
+- ``Int8DynActLinear`` (W8A8): int8 weights per channel, activations quantized per token at run time,
+  int8 x int8 -> int32 on ``torch._int_mm``.
+- ``QuantEmbedding``: an embedding whose rows are read (dequantized) from one of the above; with tied
+  embeddings it is the quantized ``lm_head`` itself, so the shared tensor is stored once.
 
 Scales and zeros are stored in bf16, the precision the kernels consume, so the reference path dequantizes
-exactly the weights the kernel uses. The kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
-are vectorized for bf16 activations only, so inputs are cast to bf16 for the matmul and the output back to the caller's dtype. The int4 packed
-layout depends on the CPU, so it is built here at load time from portable unpacked codes.
+exactly the weights the kernel uses. The weight-only kernels are vectorized for bf16 activations only, so
+inputs are cast to bf16 for the matmul and the output back to the caller's dtype.
 """
 
 from __future__ import annotations
@@ -14,61 +22,89 @@ from torch import nn
 from . import primitives as P
 
 
-class Int8Linear(nn.Module):
+def _bias(bias):
+    return None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+
+class _QuantLinear(nn.Module):
+    def forward_reference(self, x):
+        return nn.functional.linear(x.float(), self.dequantized(), None if self.bias is None else self.bias.float())
+
+    def _out(self, y, x, shape):
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.name}"
+
+
+class Int8Linear(_QuantLinear):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
+        from .config import Int8WeightOnlyConfig
+
+        self.config = Int8WeightOnlyConfig()
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight.contiguous())  # int8 (N, K)
-        self.register_buffer("scales", scales.to(torch.bfloat16))  # (N,), as the kernel takes them
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # a fresh, aligned copy: the int8 kernel crashes on misaligned memory (e.g. a safetensors mmap)
+        self.register_buffer("qweight", qweight.to(torch.int8).clone(memory_format=torch.contiguous_format))
+        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # (N,), as the kernel takes them
+        self.bias = _bias(bias)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, cfg) -> "Int8Linear":
-        q, s = P.int8_per_channel(lin.weight.detach())
-        return cls(q, s, lin.bias)
+    def from_weight(cls, w: torch.Tensor, bias, cfg) -> "Int8Linear":
+        return cls(*P.int8_per_channel(w.detach()), bias)
 
     def dequantized(self) -> torch.Tensor:
         return P.dequant_int8(self.qweight, self.scales)
+
+    def dequantize_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.qweight[idx].float() * self.scales[idx].float()[..., None]
 
     def forward(self, x):
         shape = x.shape
         # the kernel needs a fresh contiguous bf16 input (it crashes on strided or misaligned ones)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous().clone()
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def forward_reference(self, x):
-        return nn.functional.linear(x.float(), self.dequantized(), None if self.bias is None else self.bias.float())
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(torch.bfloat16))
+        return self._out(y, x, shape)
 
 
-class Int4Linear(nn.Module):
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+class IntxLinear(_QuantLinear):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
                  bias: torch.Tensor | None):
         super().__init__()
+        from .config import IntxWeightOnlyConfig
+
+        self.config = IntxWeightOnlyConfig(bits, group_size)
         self.out_features, self.in_features = codes.shape
-        self.group_size = group_size
-        self.register_buffer("qweight", P.pack_bits(codes, 4))  # portable: two codes per byte (N, K/2)
-        self.register_buffer("scales", scales.to(torch.bfloat16))  # (N, K/g), as the kernel takes them
-        self.register_buffer("zeros", zeros.to(torch.bfloat16))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bits, self.group_size = bits, group_size
+        self.register_buffer("qweight", P.pack_bits(codes.to(torch.uint8), bits))  # portable (N, K*bits/8)
+        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # (N, K/g)
+        self.register_buffer("zeros", zeros.to(torch.bfloat16).contiguous())  # value at code 2^(bits-1)
+        self.bias = _bias(bias)
         self._packed = None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, cfg) -> "Int4Linear":
-        q, s, z = P.asym_per_group(lin.weight.detach(), 4, cfg.group_size)
-        return cls(q, s, z, cfg.group_size, lin.bias)
+    def from_weight(cls, w: torch.Tensor, bias, cfg) -> "IntxLinear":
+        q, s, z = P.asym_per_group(w.detach(), cfg.bits, cfg.group_size)
+        return cls(q, s, z, cfg.bits, cfg.group_size, bias)
 
     def codes(self) -> torch.Tensor:
-        return P.unpack_bits(self.qweight, 4, self.in_features)
+        return P.unpack_bits(self.qweight, self.bits, self.in_features)
 
     def dequantized(self) -> torch.Tensor:
-        return P.dequant_asym(self.codes(), self.scales, self.zeros, 4)
+        return P.dequant_asym(self.codes(), self.scales, self.zeros, self.bits)
+
+    def dequantize_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        flat = idx.reshape(-1)
+        q = P.unpack_bits(self.qweight[flat], self.bits, self.in_features)
+        w = P.dequant_asym(q, self.scales[flat], self.zeros[flat], self.bits)
+        return w.reshape(*idx.shape, self.in_features)
 
     def _pack(self):
-        codes = self.codes().to(torch.int32)
+        # centre the b-bit codes on the 4-bit kernel's 8: (q + 8 - mid - 8) * s + z == (q - mid) * s + z exactly
+        codes = self.codes().to(torch.int32) + (8 - (1 << (self.bits - 1)))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # (K/g, N, 2) bf16
+        sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
         self._packed = (packed, sz)
 
     def forward(self, x):
@@ -78,11 +114,103 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return self._out(y, x, shape)
+
+
+class Int8DynActLinear(_QuantLinear):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        from .config import Int8DynActInt8WeightConfig
+
+        self.config = Int8DynActInt8WeightConfig()
+        self.out_features, self.in_features = qweight.shape
+        # a fresh, aligned copy: the int8 kernel crashes on misaligned memory (e.g. a safetensors mmap)
+        self.register_buffer("qweight", qweight.to(torch.int8).clone(memory_format=torch.contiguous_format))
+        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # (N,)
+        self.bias = _bias(bias)
+
+    from_weight = Int8Linear.__dict__["from_weight"]
+    dequantized = Int8Linear.dequantized
+    dequantize_rows = Int8Linear.dequantize_rows
+
+    def forward(self, x):
+        shape = x.shape
+        xq, xs = P.int8_per_token(x.reshape(-1, self.in_features))
+        acc = torch._int_mm(xq, self.qweight.t())  # int32 (M, N), exact
+        y = acc.float() * xs[:, None] * self.scales.float()[None, :]
+        return self._out(y, x, shape)
 
     def forward_reference(self, x):
-        return nn.functional.linear(x.float(), self.dequantized(), None if self.bias is None else self.bias.float())
+        xq, xs = P.int8_per_token(x.reshape(-1, self.in_features))
+        xd = (xq.float() * xs[:, None]).reshape(*x.shape[:-1], self.in_features)
+        return super().forward_reference(xd)
 
 
-MODULES = {"int8": Int8Linear, "int4": Int4Linear}
+class QuantEmbedding(nn.Module):
+    """Embedding rows dequantized from a quantized (V, D) table. ``tied``: the table is the model's quantized
+    ``lm_head`` (not registered here, so it is stored and moved once)."""
+
+    def __init__(self, table: _QuantLinear, tied: bool):
+        super().__init__()
+        self.tied = tied
+        if tied:
+            self._table = (table,)
+        else:
+            self.table = table
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        self.register_buffer("_dtype", torch.zeros(0), persistent=False)  # follows model.to(dtype)
+
+    @property
+    def qtable(self) -> _QuantLinear:
+        return self._table[0] if self.tied else self.table
+
+    def forward(self, ids):
+        return self.qtable.dequantize_rows(ids).to(self._dtype.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtable.config.name}, tied={self.tied}"
+
+
+MODULES = {"int8": Int8Linear, "int4": IntxLinear, "int3": IntxLinear, "int2": IntxLinear, "w8a8": Int8DynActLinear}
+Int4Linear = IntxLinear  # the name earlier code and tests use
+
+
+def quantized_linear(w: torch.Tensor, bias, cfg) -> _QuantLinear:
+    return MODULES[cfg.scheme].from_weight(w, bias, cfg)
+
+
+def from_qparams(cfg, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bias) -> _QuantLinear:
+    """The module for codes and qparams computed elsewhere (GPTQ): int8/w8a8 take (q, s), intx (q, s, z)."""
+    if cfg.scheme in ("int8", "w8a8"):
+        return MODULES[cfg.scheme](q, s, bias)
+    return IntxLinear(q, s, z, cfg.bits, cfg.group_size, bias)
+
+
+def cat_rows(mods: list[nn.Module]) -> nn.Module | None:
+    """One layer whose output is the given layers' outputs side by side (they read the same input): float
+    linears -> an ``nn.Linear``; quantized layers of one config -> that module on the concatenated codes and
+    qparams (rows are independent in every format here). None when they cannot be merged."""
+    if all(type(m) is nn.Linear for m in mods):
+        w = torch.cat([m.weight.detach() for m in mods], 0)
+        has_b = mods[0].bias is not None
+        if any((m.bias is not None) != has_b for m in mods):
+            return None
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=has_b, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(w)
+            if has_b:
+                fused.bias.copy_(torch.cat([m.bias.detach() for m in mods], 0))
+        return fused.requires_grad_(False)
+    t = type(mods[0])
+    if t not in (Int8Linear, IntxLinear, Int8DynActLinear) or any(type(m) is not t or m.config != mods[0].config
+                                                                  for m in mods):
+        return None
+    biases = [m.bias for m in mods]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    cat = {k: torch.cat([getattr(m, k) for m in mods], 0) for k in ("qweight", "scales", "zeros") if hasattr(mods[0], k)}
+    if t is IntxLinear:
+        codes = P.unpack_bits(cat["qweight"], mods[0].bits, mods[0].in_features)
+        return IntxLinear(codes, cat["scales"], cat["zeros"], mods[0].bits, mods[0].group_size, bias)
+    return t(cat["qweight"], cat["scales"], bias)

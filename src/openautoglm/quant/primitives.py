@@ -10,10 +10,15 @@ from __future__ import annotations
 import torch
 
 
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    """Round to the bf16 grid the kernels store qparams on, so codes are chosen against the stored grid."""
+    return t.to(torch.bfloat16).float()
+
+
 def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> int8 codes (N, K) and float32 scales (N,), round to nearest, symmetric [-127, 127]."""
     w = w.float()
-    s = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    s = _bf16((w.abs().amax(dim=1) / 127).clamp_min(1e-12))
     q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, s
 
@@ -30,14 +35,31 @@ def asym_per_group(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor
     N, K = w.shape
     if K % group:
         raise ValueError(f"K={K} is not a multiple of the group size {group}")
-    qmax = (1 << bits) - 1
-    mid = 1 << (bits - 1)
     g = w.float().reshape(N, K // group, group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    s = ((hi - lo) / qmax).clamp_min(1e-12)
-    q = torch.round((g - lo[..., None]) / s[..., None]).clamp_(0, qmax).to(torch.uint8)
-    z = lo + mid * s
+    s, z = asym_qparams(g, bits)
+    q = quantize_asym(g, s[..., None], z[..., None], bits).to(torch.uint8)
     return q.reshape(N, K), s, z
+
+
+def asym_qparams(g: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero (the value at code ``mid``) of float groups (..., g) from their min and max."""
+    qmax = (1 << bits) - 1
+    lo, hi = g.amin(-1), g.amax(-1)
+    s = _bf16(((hi - lo) / qmax).clamp_min(1e-12))
+    return s, _bf16(lo + (1 << (bits - 1)) * s)
+
+
+def quantize_asym(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of ``w`` (..., n) on a given grid (``s``, ``z`` broadcast against ``w``), round to nearest."""
+    mid = 1 << (bits - 1)
+    return torch.round((w - z) / s + mid).clamp_(0, (1 << bits) - 1)
+
+
+def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization: (M, K) float -> int8 (M, K) and float32 scales (M,), symmetric."""
+    x = x.float()
+    s = (x.abs().amax(dim=-1) / 127).clamp_min(1e-12)
+    return torch.round(x / s[:, None]).clamp_(-127, 127).to(torch.int8), s
 
 
 def dequant_asym(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""Automatic mixed precision: the solver against brute force, the budget on a real plan, the saved plan."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from openautoglm.errors import InvalidParameterError
+from openautoglm.quant.auto import Unit, candidates_for, solve
+
+
+def _units(seed=0, n=5, k=1024):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(n):
+        cands = candidates_for(k)
+        # random losses falling with bits, as sensitivities do
+        losses = sorted((torch.rand(len(cands), generator=g) * (i + 1)).tolist(), reverse=True)
+        out[f"l{i}"] = Unit(f"l{i}", 64, k, {c.name: l for c, l in zip(cands, losses)})
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("target", [2.6, 3.5, 4.25, 6.0])
+def test_solver_is_optimal_against_brute_force(seed, target):
+    units = _units(seed)
+    total = sum(u.n_weights for u in units.values())
+    # bits/weight of the candidates at K=1024 are multiples of 1/64, so with 64 weights a unit every cost is an
+    # integer number of bits; a grid of one bit a cell makes the DP exact
+    res = int(target * total)
+    plan, pred, bits = solve(units, target, resolution=res)
+    assert bits <= target + 1e-9
+    names = sorted(units)
+    best = min(
+        sum(units[n].dkld[c.name] for n, c in zip(names, combo))
+        for combo in itertools.product(*(candidates_for(1024) for _ in names))
+        if sum(units[n].cost(c) for n, c in zip(names, combo)) <= target * total + 1e-9
+    )
+    assert pred == pytest.approx(best, abs=1e-9)
+    assert pred == pytest.approx(sum(units[n].dkld[c.name] for n, c in plan.items()), abs=1e-9)
+
+
+def test_solver_refuses_an_impossible_budget():
+    with pytest.raises(InvalidParameterError):
+        solve(_units(), 2.0)
+
+
+@pytest.fixture(scope="module")
+def sens_cache(tmp_path_factory):
+    """One sensitivity measurement shared by the tests here (the cache is keyed by model, method and text)."""
+    import os
+
+    d = tmp_path_factory.mktemp("auto-cache")
+    old = os.environ.get("OPENAUTOGLM_CACHE")
+    os.environ["OPENAUTOGLM_CACHE"] = str(d)
+    yield d
+    if old is None:
+        del os.environ["OPENAUTOGLM_CACHE"]
+    else:
+        os.environ["OPENAUTOGLM_CACHE"] = old
+
+
+@pytest.mark.parametrize("target", [3.0, 4.5])
+def test_auto_plan_respects_its_budget_and_reloads(tiny_engine_dir, tmp_path, target, sens_cache):
+    from safetensors import safe_open
+
+    from openautoglm import Engine
+
+    eng = Engine(model=tiny_engine_dir, progress=False)
+    ref_params = {n: p.numel() for n, p in eng.model.named_parameters()}
+    plan = eng.quantize("auto", method="rtn", target_bits=target, calib_tokens=512)
+    r = eng.quant_result
+    assert r.scheme == f"auto-{target:g}" and r.bits_per_weight <= target
+    assert len({c.name for c in plan.values()}) > 1  # really mixed
+    rep = r.report
+    assert rep["target_bits"] == target and rep["measured_kld"] >= 0 and rep["predicted_kld"] >= 0
+    assert set(rep["layers"]) == set(plan)
+    out = eng.save(tmp_path / "auto")
+    # the budget holds on disk: the quantized tensors' bits over the weights they replace
+    n = sum(ref_params[f"{k}.weight" if k != "lm_head" else "model.embed_tokens.weight"] for k in plan)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        qbits = 8 * sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
+                        if k.endswith(("qweight", "scales", "zeros")))
+    assert qbits / n <= target + 1e-6
+    saved = json.loads((out / "config.json").read_text())["quantization"]
+    assert saved["report"]["measured_kld"] == rep["measured_kld"]
+    again = Engine(model=out, progress=False)
+    ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(eng.model(ids), again.model(ids))
+    # a second plan at the same target comes from the sensitivity cache; a corrupt cache is measured again
+    files = list((sens_cache / "sensitivity").glob("*.json"))
+    assert len(files) == 1
+    if target == 3.0:
+        files[0].write_text("{not json")
+    e2 = Engine(model=tiny_engine_dir, progress=False)
+    assert {k: c.name for k, c in e2.quantize("auto", target_bits=target, calib_tokens=512).items()} == \
+        {k: c.name for k, c in plan.items()}
+    json.loads(files[0].read_text())
+
+
+def test_more_bits_never_predict_more_loss(tiny_engine_dir, sens_cache):
+    from openautoglm import Engine
+
+    preds = []
+    for t in (2.75, 3.5, 5.0):
+        eng = Engine(model=tiny_engine_dir, progress=False)
+        eng.quantize("auto", target_bits=t, calib_tokens=512)
+        preds.append(eng.quant_result.report["predicted_kld"])
+    assert preds[0] >= preds[1] >= preds[2]
+
+
+def test_formats_between_the_anchors_are_placed_on_their_power_law():
+    from openautoglm.quant.auto import _place
+
+    # anchors: int2 (error 1e-2 -> KLD rise 1e-2), int4 (error 1e-4 -> 1e-4): slope 1
+    err = {"int2-g64": 1e-2, "int3-g64": 1e-3, "int4-g64": 1e-4, "int8": 1e-6}
+    got = _place({"int2-g64": 1e-2, "int4-g64": 1e-4}, err)
+    assert got["int2-g64"] == 1e-2 and got["int4-g64"] == 1e-4
+    assert got["int3-g64"] == pytest.approx(1e-3) and got["int8"] == pytest.approx(1e-6)
+    # a steeper measured curve (slope 1.5) is followed, and extrapolation stays on it
+    got = _place({"int2-g64": 1e-1, "int4-g64": 1e-4}, err)
+    assert got["int3-g64"] == pytest.approx(10 ** -2.5) and got["int8"] == pytest.approx(1e-7)
+
+
+def test_sensitivities_fall_with_bits_and_int2_hurts(tiny_engine_dir, sens_cache):
+    import json
+
+    from openautoglm import Engine
+
+    eng = Engine(model=tiny_engine_dir, progress=False)
+    eng.quantize("auto", target_bits=4.0, calib_tokens=512)
+    units = json.loads(next((sens_cache / "sensitivity").glob("*.json")).read_text())
+    for u in units.values():
+        d = u["dkld"]
+        assert d["int2-g64"] >= d["int3-g64"] >= d["int4-g64"] >= d["int4-g32"] >= d["int8"]
+    # the oracle: lowering the tied table alone to int2 costs what the full-model KLD says it does
+    head = units["lm_head"]["dkld"]
+    assert head["int2-g64"] > 10 * head["int8"] and head["int2-g64"] > 1e-3

@@ -16,13 +16,13 @@ import torch
 
 from .errors import DeviceNotAvailableError, InvalidParameterError, OptimizeLevelError
 from .hub import DEFAULT_MODEL, resolve
-from .runtime.generate import Generation, GenerationResult, generate
+from .runtime.generate import Generation, GenerationResult
 from .runtime.sampler import SamplingParams
 
 #: Every optimize level, in order. See ``compile``.
 OPTIMIZE_LEVELS = ("O0", "O1", "O2", "O3")
 #: The levels that are built today.
-AVAILABLE_LEVELS = ("O0",)
+AVAILABLE_LEVELS = ("O0", "O1", "O2", "O3")
 
 
 def available_devices() -> list[str]:
@@ -71,6 +71,7 @@ class Engine:
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
+        self.progress = progress
         self.model_path = resolve(model)
         self.model, self.checkpoint = load_model(self.model_path, progress=progress)
         self.config = self.model.config
@@ -98,48 +99,76 @@ class Engine:
             self.device = d
         return self
 
-    def compile(self, optimize_level: str = "O0") -> "Engine":
-        """Prepare the model at ``optimize_level``: "O0" is the eager reference.
-
-        O1-O3 (fusion, static memory plan, torch.compile, kernel autotuning) are not built yet and raise
-        OptimizeLevelError rather than silently running O0.
+    def compile(self, optimize_level: str = "O0", max_batch: int = 1, max_len: int | None = None) -> "Engine":
+        """Prepare the model at ``optimize_level`` (see ``openautoglm.compiler``): "O0" is the eager reference;
+        "O1" adds the load-time passes and a static memory plan (``info()["compile"]["memory_plan"]``), with
+        the KV cache for ``max_batch`` rows of ``max_len`` tokens allocated once; "O2" adds torch.compile of the
+        decode step; "O3" adds kernel and thread autotuning. Quantize before compiling.
         """
-        self.optimize_level = resolve_level(optimize_level)
+        from .compiler import compile_model
+
+        level = resolve_level(optimize_level)
+        if getattr(self, "compiled", None) is not None and self.compiled.level != "O0":
+            raise InvalidParameterError(f"this engine is already compiled at {self.compiled.level}")
+        if max_batch < 1:
+            raise InvalidParameterError(f"max_batch must be at least 1, got {max_batch}")
+        self.compiled = compile_model(self.model, level, max_batch=max_batch, max_len=max_len, progress=self.progress)
+        self.optimize_level = level
         return self
 
+    def new_generation(self, prompts: list[list[int]], params, eos_ids=None) -> Generation:
+        """A :class:`Generation` on this engine's compiled runner and planned cache."""
+        c = getattr(self, "compiled", None)
+        if c is None:
+            return Generation(self.model, self.tokenizer, prompts, params, self.eos_ids if eos_ids is None else eos_ids)
+        return Generation(c.runner, self.tokenizer, prompts, params, self.eos_ids if eos_ids is None else eos_ids,
+                          cache=c.cache, len_bucket=c.len_bucket)
+
     # ---- compression ---------------------------------------------------------------------------------
-    def quantize(self, scheme: str = "int4", group_size: int = 32, include_lm_head: bool = False,
-                 method: str = "rtn") -> dict:
-        """Quantize the loaded model's linear layers in place (round to nearest) and return the per-layer plan.
+    def quantize(self, scheme: str = "int4", group_size: int = 32, method: str = "rtn",
+                 target_bits: float | None = None, embeddings: str = "int8", calib_text: str | None = None,
+                 calib_tokens: int = 8192, act_order: bool = True) -> dict:
+        """Quantize the loaded model in place and return the per-layer plan ``{layer: config}``.
 
-        ``scheme``: "int8" (per channel) or "int4" (per group of ``group_size``). Other schemes and the
-        data-aware methods (GPTQ, AWQ, automatic mixed precision) are not built yet and raise.
+        ``scheme``: "int8" (weight-only, per channel), "int4" / "int3" / "int2" (weight-only, per group of
+        ``group_size``), "w8a8" (int8 weights and dynamic per-token int8 activations) or "auto" (per-layer
+        mixed precision at ``target_bits`` average bits per weight, scales included). ``method``: "rtn",
+        "gptq" (Hessian error compensation; ``act_order``) or "awq" (activation-aware scaling), calibrated on
+        ``calib_text`` (default: the calibration split of the shipped corpus). ``embeddings``: the embedding
+        table and ``lm_head`` (one tensor when tied) at "int8" (default, as llama.cpp keeps them at 8 bits),
+        the "same" scheme, or left in "float"; auto plans choose them like any layer unless "float".
+        Details land in ``self.quant_result``.
         """
-        from .quant import Int4WeightOnlyConfig, Int8WeightOnlyConfig, QuantPlan, quantize_
+        from .quant.pipeline import quantize_model
 
-        if method != "rtn":
-            raise InvalidParameterError(f"method {method!r} is not built yet; available: rtn")
-        try:
-            cfg = {"int8": lambda: Int8WeightOnlyConfig(),
-                   "int4": lambda: Int4WeightOnlyConfig(group_size)}[scheme]()
-        except KeyError:
-            raise InvalidParameterError(f"scheme {scheme!r} is not built yet; available: int8, int4") from None
-        except ValueError as e:
-            raise InvalidParameterError(str(e)) from None
-        if getattr(self, "quant_plan", None):
+        if getattr(self, "quant_result", None) or self.checkpoint.config.get("quantization"):
             raise InvalidParameterError("this model is already quantized")
-        self.quant_plan = quantize_(self.model, QuantPlan.uniform(cfg, include_lm_head=include_lm_head))
-        self.quant_scheme = scheme if scheme == "int8" else f"int4-g{group_size}"
-        return self.quant_plan
+        if getattr(self, "compiled", None) is not None and self.compiled.level != "O0":
+            raise InvalidParameterError("quantize before compiling (the compiler rewrites the layers)")
+        self.quant_result = quantize_model(
+            self.model, self.tokenizer, self.model_path, scheme, group_size=group_size, method=method,
+            target_bits=target_bits, embeddings=embeddings, calib_text=calib_text, calib_tokens=calib_tokens,
+            act_order=act_order, progress=self.progress)
+        return self.quant_result.plan
 
-    def save(self, output: str | Path, method: str = "rtn") -> Path:
+    @property
+    def quant_scheme(self) -> str | None:
+        r = getattr(self, "quant_result", None)
+        return r.scheme if r else None
+
+    def save(self, output: str | Path) -> Path:
         """Write a quantized artifact directory (atomically) that ``Engine(model=output)`` loads as is."""
         from .quant.artifact import save_artifact
 
-        if not getattr(self, "quant_plan", None):
+        r = getattr(self, "quant_result", None)
+        if r is None:
             raise InvalidParameterError("nothing to save: quantize the model first")
         cfg = {k: v for k, v in self.checkpoint.config.items() if k != "quantization"}
-        return save_artifact(self.model, cfg, self.tokenizer, self.quant_plan, output, self.quant_scheme, method)
+        extra = {"source": str(Path(self.model_path).resolve()), "bits_per_weight": r.bits_per_weight,
+                 "calibration_kld": r.calibration_kld}
+        if r.report:
+            extra["report"] = r.report
+        return save_artifact(self.model, cfg, self.tokenizer, r.plan, output, r.scheme, r.method, extra)
 
     # ---- generation ---------------------------------------------------------------------------------
     def _params(self, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
@@ -166,7 +195,11 @@ class Engine:
     def generate(self, input_data, **kwargs) -> list[GenerationResult]:
         """Full results (text, token ids, finish reason, token counts), one per prompt."""
         prompts, _ = self.encode_input(input_data)
-        return generate(self.model, self.tokenizer, prompts, self._params(**kwargs), self.eos_ids)
+        g = self.new_generation(prompts, self._params(**kwargs))
+        for _ in g:
+            pass
+        return [GenerationResult(q.text, q.out_ids, q.finish_reason, len(q.prompt_ids), len(q.out_ids))
+                for q in g.sequences]
 
     def infer(self, input_data, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
               top_k: int = 0, seed: int | None = None, stop=None, **kwargs):
@@ -186,7 +219,7 @@ class Engine:
         prompts, batched = self.encode_input(input_data)
         if batched:
             raise InvalidParameterError("stream() takes one prompt or one conversation, not a batch")
-        g = Generation(self.model, self.tokenizer, prompts, self._params(**kwargs), self.eos_ids)
+        g = self.new_generation(prompts, self._params(**kwargs))
 
         def pieces():
             for ev in g:
@@ -223,6 +256,7 @@ class Engine:
             "runtime_weight_bytes": _runtime_bytes(self.model),
             "device": self.device,
             "optimize_level": self.optimize_level,
+            "compile": self.compiled.info() if getattr(self, "compiled", None) is not None else None,
             "chat_template": bool(self.tokenizer.chat_template),
             "load_seconds": round(self.load_seconds, 3),
         }

@@ -19,7 +19,7 @@ RESULT_KEYS = {"system", "config", "load_s", "ttft_s", "prefill_tok_s", "decode_
 def bench_out(tiny_engine_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "openautoglm.cli", "bench", "--model", str(tiny_engine_dir), "--configs",
-           "O0:fp32,O0:bf16,O3:int4-g32,O0:w8a8", "--peers", "llama.cpp,transformers", "--prompt-tokens", "8,16",
+           "O0:fp32,O0:bf16,O1:int4-g32,O0:w8a8,O9:fp32,O0:nosuch", "--peers", "llama.cpp,transformers", "--prompt-tokens", "8,16",
            "--gen-tokens", "4", "--trials", "2", "--batch-sizes", "1,2", "--threads", "1",
            "--json", str(d / "b.json"), "--plot", str(d / "b.png"), "-q"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -32,8 +32,8 @@ def test_json_schema(bench_out):
     m = data["machine"]
     assert {"cpu", "flags", "cores", "versions", "commit"} <= set(m) and m["cores"] >= 1
     ran = [r for r in data["results"] if not r["skipped"]]
-    # ours fp32 + bf16 and transformers fp32 + bf16, each at 2 prompt lengths x 2 batch sizes
-    assert len(ran) == 4 * 2 * 2
+    # ours fp32, bf16, O1 int4, w8a8 and transformers fp32 + bf16, each at 2 prompt lengths x 2 batch sizes
+    assert len(ran) == 6 * 2 * 2
     for r in ran:
         assert RESULT_KEYS <= set(r)
         assert len(r["trials"]) == 2 and r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
@@ -41,7 +41,8 @@ def test_json_schema(bench_out):
         assert r["gb_s"] == pytest.approx(r["weight_bytes"] * r["decode_tok_s"] / r["batch"] / 1e9)
         assert r["joules_per_token"] is None or r["joules_per_token"] > 0
     assert {(r["system"], r["config"]) for r in ran} == {
-        ("openautoglm", "O0:fp32"), ("openautoglm", "O0:bf16"), ("transformers", "fp32"), ("transformers", "bf16")}
+        ("openautoglm", "O0:fp32"), ("openautoglm", "O0:bf16"), ("openautoglm", "O1:int4-g32"),
+        ("openautoglm", "O0:w8a8"), ("transformers", "fp32"), ("transformers", "bf16")}
     bf16 = next(r for r in ran if r["config"] == "O0:bf16")
     fp32 = next(r for r in ran if r["config"] == "O0:fp32")
     assert bf16["weight_bytes"] * 2 == fp32["weight_bytes"]
@@ -50,8 +51,8 @@ def test_json_schema(bench_out):
 def test_skipped_systems_say_why(bench_out):
     data, _, out = bench_out
     skipped = {(r["system"], r["config"]): r["reason"] for r in data["results"] if r["skipped"]}
-    assert "not built yet" in skipped[("openautoglm", "O3:int4-g32")]
-    assert "not built yet" in skipped[("openautoglm", "O0:w8a8")]
+    assert "unknown optimize level" in skipped[("openautoglm", "O9:fp32")]
+    assert "unknown scheme" in skipped[("openautoglm", "O0:nosuch")]
     assert "gguf" in skipped[("llama.cpp", "gguf")].lower()
     assert out.count("skipped:") == len(skipped)
 

@@ -49,23 +49,27 @@ class Ours:
             raise Skip(f"optimize level {level} is not built yet (available: {', '.join(AVAILABLE_LEVELS)})")
         from pathlib import Path
 
+        from ..quant.config import parse_scheme
+
         quant = None
-        if scheme in ("int8", "int4-g32", "int4-g64", "int4-g128"):
-            quant = ("int8", 0) if scheme == "int8" else ("int4", int(scheme.split("-g")[1]))
-        elif scheme not in ("fp32", "bf16"):
-            if not Path(scheme).exists():
-                raise Skip(f"scheme {scheme} is not built yet (quantization issue); "
-                           "available: fp32, bf16, int8, int4-g32/64/128, or an artifact path")
-            model, scheme = scheme, "fp32"
+        if scheme not in ("fp32", "bf16"):
+            try:
+                cfg = parse_scheme(scheme)
+                quant = (cfg.scheme, getattr(cfg, "group_size", 32))
+            except ValueError:
+                if not Path(scheme).exists():
+                    raise Skip(f"unknown scheme {scheme}: fp32, bf16, int8, w8a8, int4/int3/int2-gN, or an "
+                               "artifact path") from None
+                model, scheme = scheme, "fp32"
         torch.set_num_threads(threads)
         from ..engine import Engine
 
         self.engine = Engine(model=model, progress=False)
-        self.engine.compile(level)
+        if quant:  # round-to-nearest, as `openautoglm quantize --method rtn` does (int8 embedding table)
+            self.engine.quantize(quant[0], group_size=quant[1])
         if scheme == "bf16":
             self.engine.model.to(torch.bfloat16)
-        if quant:  # round-to-nearest weight-only, as `openautoglm quantize --method rtn` does
-            self.engine.quantize(quant[0], group_size=quant[1] or 32)
+        self.engine.compile(level)
         self.tokenizer = self.engine.tokenizer
 
     def weight_bytes(self) -> int:
@@ -76,7 +80,7 @@ class Ours:
         from ..runtime.sampler import SamplingParams
 
         p = SamplingParams(max_tokens=gen_tokens, ignore_eos=True)
-        g = Generation(self.engine.model, self.tokenizer, [prompt_ids] * batch, p, eos_ids=set())
+        g = self.engine.new_generation([prompt_ids] * batch, p, eos_ids=set())
         t0 = time.perf_counter()
         t_first = None
         for _ in g:

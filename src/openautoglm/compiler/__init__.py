@@ -1,17 +1,32 @@
-"""Compiler: load-time rewrites (passes), and later static memory plans, torch.compile and kernel autotuning.
+"""Compiler: optimize levels O0-O3 over a loaded (optionally quantized) model.
 
-Each pass lives in ``passes/`` (one per file), rewrites a loaded model in place, is switchable, and has an
-equivalence test (before == after within a stated tolerance). ``run_passes`` applies them in order. These
-passes are the start of O1; ``Engine.compile("O1")`` stays unavailable until O1's memory plan and static
-buffers exist too.
+- O0: the eager reference, the oracle for everything below.
+- O1: load-time passes (``passes/``: QKV and gate-up fusion, float or quantized; RMSNorm folding where exact;
+  dead-op removal), RoPE tables constant-folded at load (``RotaryTables``), and a static memory plan: the KV
+  cache is allocated once at compile time from the plan and reused by every generation that fits.
+- O2: O1 plus ``torch.compile`` (inductor's C++ backend) of the decode step at static shapes: the batch as
+  given and the attended length rounded up to a bucket, so nothing recompiles during a generation. Compiled
+  artifacts go to inductor's on-disk caches under ``~/.cache/openautoglm/inductor``, so a second start reuses
+  them (``compile_seconds`` reports the cost of each start).
+- O3: O2 plus the kernel selector (``autotune.py``): per linear shape, format and token-count bucket the
+  candidate kernels this CPU offers are timed, the fastest within the quality budget is kept, and choices
+  are cached on disk keyed by shape, format, device, CPU flags, torch version and threads; the thread count
+  is tuned too.
+
+Each pass lives in ``passes/`` (one per file), rewrites a model in place, and has an equivalence test.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-# order matters: fusions run first, so folding scales the fused weights once
-PASSES = ("fuse_qkv", "fuse_gate_up", "fold_rmsnorm")
+# order matters: fusions run first, so folding scales the fused weights once; dead ops go last
+PASSES = ("fuse_qkv", "fuse_gate_up", "fold_rmsnorm", "dead_ops")
+LEN_BUCKET = 128  # O2+: decode attends over the context rounded up to a multiple of this
 
 
 def get_pass(name: str):
@@ -23,3 +38,59 @@ def get_pass(name: str):
 def run_passes(model, names=PASSES) -> dict[str, int]:
     """Apply the named passes in the canonical order; returns how many sites each rewrote."""
     return {n: get_pass(n)(model) for n in PASSES if n in names}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPENAUTOGLM_CACHE", Path.home() / ".cache" / "openautoglm"))
+
+
+@dataclass
+class Compiled:
+    level: str
+    runner: object  # what generation calls: the model, or the compiled wrapper
+    passes: dict = field(default_factory=dict)
+    plan: object = None  # MemoryPlan
+    cache: object = None  # the planned KVCache
+    len_bucket: int | None = None
+    compile_seconds: float = 0.0
+    autotune: dict = field(default_factory=dict)
+
+    def info(self) -> dict:
+        return {"level": self.level, "passes": self.passes, "memory_plan": self.plan.to_dict() if self.plan else None,
+                "compile_seconds": round(self.compile_seconds, 3), "autotune": self.autotune}
+
+
+def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = None, prefill_tokens: int = 512,
+                  progress: bool = True) -> Compiled:
+    """Prepare ``model`` (in place) at ``level``; returns what generation runs and the plan."""
+    import torch
+
+    from . import memory_plan
+    from ..runtime.kv_cache import KVCache, activation_dtype
+
+    t0 = time.perf_counter()
+    if level == "O0":
+        return Compiled("O0", model)
+    passes = run_passes(model)
+    max_len = min(max_len or 2048, model.config.max_position_embeddings)
+    dtype = activation_dtype(model)
+    plan = memory_plan.plan(model, max_batch, max_len, min(prefill_tokens, max_len), dtype)
+    cache = KVCache.for_model(model, max_batch, max_len, dtype=dtype)
+    out = Compiled(level, model, passes, plan, cache)
+    if level in ("O2", "O3"):
+        from .compiled import CompiledLM
+
+        autotune = {}
+        if level == "O3":
+            from .autotune import tune_model
+
+            autotune = tune_model(model, max_batch=max_batch, prefill_tokens=plan.prefill_tokens, progress=progress)
+        out.runner = CompiledLM(model, cache_dir=cache_root() / "inductor")
+        out.len_bucket = LEN_BUCKET
+        out.autotune = autotune
+        # every bucket up to the planned length (at most 4: longer ones compile on first use, once per machine)
+        lens = list(range(LEN_BUCKET, max_len + LEN_BUCKET, LEN_BUCKET))[:4]
+        out.runner.warm_up(cache, [min(n, max_len) for n in lens], progress=progress)
+    out.compile_seconds = time.perf_counter() - t0
+    torch.set_grad_enabled(True)
+    return out

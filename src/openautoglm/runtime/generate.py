@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ContextLengthExceededError, InvalidParameterError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, model_device
 from .sampler import SamplingParams, make_generator, sample
 
 
@@ -108,7 +108,12 @@ class Generation:
     """One batched generation. Iterate it for :class:`StreamEvent`; ``sequences`` holds the per-row state."""
 
     def __init__(self, model, tokenizer, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams,
-                 eos_ids: set[int] | None = None, max_context: int | None = None):
+                 eos_ids: set[int] | None = None, max_context: int | None = None, cache: KVCache | None = None,
+                 len_bucket: int | None = None):
+        """``cache``: a preallocated cache to run in when it is big enough (compiled engines plan one);
+        ``len_bucket``: attend over a static number of slots, the context rounded up to this multiple, so a
+        compiled decode step sees one shape for the whole generation."""
+        self.cache, self.len_bucket = cache, len_bucket
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts) or not prompts:
@@ -130,11 +135,22 @@ class Generation:
 
     def __iter__(self) -> Iterator[StreamEvent]:
         model, seqs = self.model, self.sequences
-        device = next(model.parameters()).device
+        device = model_device(model)
         B = len(seqs)
         lens = torch.tensor([len(s.prompt_ids) for s in seqs])
         T = int(lens.max())
-        cache = KVCache.for_model(model, B, max_len=max(len(s.prompt_ids) + s.max_new for s in seqs))
+        need = max(len(s.prompt_ids) + s.max_new for s in seqs)
+        cache = self.cache
+        if self.len_bucket:
+            fits = cache is not None and need <= cache.max_len
+            need = -(-need // self.len_bucket) * self.len_bucket
+            if fits:
+                need = min(need, cache.max_len)
+        if cache is not None and cache.batch >= B and cache.max_len >= need:
+            cache.select(None if cache.batch == B else torch.arange(B))
+        else:
+            cache = KVCache.for_model(model, B, max_len=need)
+        cache.static_len = need if self.len_bucket else None
         ids = torch.zeros(B, T, dtype=torch.long)
         for b, s in enumerate(seqs):
             ids[b, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
@@ -163,14 +179,14 @@ class Generation:
                 logits = model(next_ids[:, None].to(device), step_pos[:, None].to(device), cache)[:, -1]
 
 
-def generate_stream(model, tokenizer, prompts, params, eos_ids=None, max_context=None) -> Iterator[StreamEvent]:
+def generate_stream(model, tokenizer, prompts, params, eos_ids=None, max_context=None, **kw) -> Iterator[StreamEvent]:
     """Generate for a batch of tokenized prompts; yields :class:`StreamEvent` as text becomes available."""
-    return iter(Generation(model, tokenizer, prompts, params, eos_ids, max_context))
+    return iter(Generation(model, tokenizer, prompts, params, eos_ids, max_context, **kw))
 
 
-def generate(model, tokenizer, prompts, params, eos_ids=None, max_context=None) -> list[GenerationResult]:
+def generate(model, tokenizer, prompts, params, eos_ids=None, max_context=None, **kw) -> list[GenerationResult]:
     """Run a batch to the end; one :class:`GenerationResult` per prompt."""
-    g = Generation(model, tokenizer, prompts, params, eos_ids, max_context)
+    g = Generation(model, tokenizer, prompts, params, eos_ids, max_context, **kw)
     for _ in g:
         pass
     return [GenerationResult(s.text, s.out_ids, s.finish_reason, len(s.prompt_ids), len(s.out_ids))

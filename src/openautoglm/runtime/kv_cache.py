@@ -16,6 +16,20 @@ from __future__ import annotations
 import torch
 
 
+def activation_dtype(model) -> torch.dtype:
+    """The dtype activations flow in: the float parameters' (norms), float32 when none is left."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def model_device(model) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv: int, max_len: int, head_dim: int,
                  dtype=torch.float32, device=None):
@@ -27,6 +41,7 @@ class KVCache:
         self._step = None
         self._slots = None  # cache rows the next steps run on; None = rows 0..B-1
         self._run = None  # (start, stop) when those rows are contiguous
+        self.static_len = None  # when set, every step attends over this many slots (static shapes for O2)
 
     def select(self, slots: torch.Tensor | None) -> None:
         """Make following forwards run batch row i on cache row ``slots[i]`` (None: row i on row i).
@@ -43,9 +58,10 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, dtype=None) -> "KVCache":
         cfg = model.config
-        p = next(model.parameters())
+        floats = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+        p = floats[0] if floats else torch.empty(0)
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim,
-                   dtype=dtype or (p.dtype if p.is_floating_point() else torch.float32), device=p.device)
+                   dtype=dtype or activation_dtype(model), device=p.device)
 
     @property
     def nbytes(self) -> int:
@@ -58,7 +74,7 @@ class KVCache:
         """
         B, T = positions.shape
         if kv_len is None:
-            kv_len = int(positions.max()) + 1
+            kv_len = self.static_len or int(positions.max()) + 1
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
         slots = self._slots

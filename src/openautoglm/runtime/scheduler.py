@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ContextLengthExceededError, OpenAutoGLMError
 from .generate import IncrementalDetokenizer, _release, advance
-from .kv_cache import KVCache
+from .kv_cache import KVCache, model_device
 from .sampler import SamplingParams, make_generator, sample
 
 
@@ -93,7 +93,7 @@ class Scheduler:
         self.kv_budget_tokens = kv_budget_tokens or max_batch * self.max_len
         self.cache = KVCache.for_model(model, max_batch, self.max_len)
         self.bytes_per_token = self.cache.nbytes // (max_batch * self.max_len)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.queue: list[Request] = []
         self.running: list[Request] = []
         self.free_slots = list(range(max_batch))

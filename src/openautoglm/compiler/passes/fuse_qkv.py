@@ -1,17 +1,17 @@
 """Fuse q_proj, k_proj and v_proj into one ``qkv_proj`` linear (vLLM's QKVParallelLinear, llama.cpp's
 ``wqkv``): one GEMM instead of three per layer. Exact up to GEMM accumulation order.
 
-Applies to float ``nn.Linear`` projections (Llama, Qwen2 with its biases, GLM/GLM-4); quantized or already
-fused attentions are left alone.
+Applies to float ``nn.Linear`` projections (Llama, Qwen2 with its biases, GLM/GLM-4) and to quantized ones of
+one format (their codes and qparams are concatenated: exact); mixed formats and fused attentions are left alone.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ...models.layers import apply_rope, attention
 from ...models.llama import LlamaAttention
+from ...quant.modules import cat_rows
 
 
 class FusedQKVAttention(LlamaAttention):
@@ -37,17 +37,9 @@ def apply(model: nn.Module) -> int:
     for mod in model.modules():
         if not isinstance(mod, LlamaAttention) or isinstance(mod, FusedQKVAttention):
             continue
-        projs = (mod.q_proj, mod.k_proj, mod.v_proj)
-        if not all(type(p) is nn.Linear for p in projs):
+        fused = cat_rows([mod.q_proj, mod.k_proj, mod.v_proj])
+        if fused is None:
             continue
-        w = torch.cat([p.weight.detach() for p in projs], 0)
-        has_b = mod.q_proj.bias is not None
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=has_b, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(w)
-            if has_b:
-                fused.bias.copy_(torch.cat([p.bias.detach() for p in projs], 0))
-        fused.requires_grad_(False)
         rope_interleaved = mod.rope_interleaved
         del mod.q_proj, mod.k_proj, mod.v_proj
         mod.qkv_proj = fused

@@ -1,0 +1,251 @@
+"""O3: the kernel selector. For each distinct linear (format, N, K) and token-count bucket (decode: up to the
+planned batch; prefill: the planned chunk) it times the implementations this CPU offers:
+
+- ``native``: the layer's own kernel (int4/int8 weight-only packs, W8A8 ``_int_mm``, or the float GEMM);
+- ``bf16``: a bf16 GEMM on the layer's weights dequantized once (oneDNN, AMX where the CPU has it); it costs
+  2 bytes a weight of memory, so it is granted within a memory budget, best time saved per byte first;
+- ``w8a8``: for int8 weight-only layers, int8 activations per token and ``torch._int_mm``.
+
+A candidate is eligible only if its output stays within the quality budget: relative error against the
+layer's dequantize-then-matmul reference at most ``QUALITY_BUDGET`` (the bf16-activation level every
+weight-only kernel already has), measured on inputs with outlier channels. The fastest eligible one is kept.
+Choices are cached on disk (``~/.cache/openautoglm/autotune.json``) keyed by format, shape, bucket, dtype,
+CPU flags, torch version and thread count; a corrupt cache file is ignored and rewritten. The thread count is
+tuned first, on the model's own decode-bucket linears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..progress import Progress
+
+QUALITY_BUDGET = 1e-2
+DECODE_MAX = 16  # token counts up to this use the decode choice
+
+
+def cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def cache_file() -> Path:
+    from . import cache_root
+
+    return cache_root() / "autotune.json"
+
+
+def load_cache(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, OSError):
+        import sys
+
+        sys.stderr.write(f"[openautoglm] ignoring a corrupt autotune cache {path}; tuning again\n")
+        return {}
+
+
+def save_cache(path: Path, d: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(d, indent=0, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _fmt(mod: nn.Module) -> str:
+    cfg = getattr(mod, "config", None)
+    return cfg.name if cfg is not None and hasattr(cfg, "name") else str(mod.weight.dtype).replace("torch.", "")
+
+
+def _reference(mod, x):
+    if hasattr(mod, "forward_reference"):
+        return mod.forward_reference(x)
+    return nn.functional.linear(x.float(), mod.weight.float(), None if mod.bias is None else mod.bias.float())
+
+
+def _dequant_bf16(mod) -> torch.Tensor:
+    w = mod.dequantized() if hasattr(mod, "dequantized") else mod.weight
+    return w.detach().to(torch.bfloat16).contiguous()
+
+
+def implementations(mod) -> dict:
+    """name -> (make(mod) -> callable(x), extra bytes)."""
+    out = {"native": (lambda m: m.forward, 0)}
+
+    def make_bf16(m):
+        w = _dequant_bf16(m)
+        b = None if m.bias is None else m.bias.detach().to(torch.bfloat16)
+
+        def f(x):
+            return nn.functional.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
+        f.weight = w
+        return f
+
+    if not (type(mod) is nn.Linear and mod.weight.dtype == torch.bfloat16):
+        out["bf16"] = (make_bf16, 2 * mod.weight.numel() if type(mod) is nn.Linear else 2 * mod.in_features * mod.out_features)
+    if type(mod).__name__ == "Int8Linear":
+        from ..quant.modules import Int8DynActLinear
+
+        out["w8a8"] = (lambda m: Int8DynActLinear(m.qweight, m.scales, m.bias).forward, 0)
+    return out
+
+
+def _named(f, name: str):
+    def g(x):
+        return f(x)
+    g.impl = name
+    return g
+
+
+def _time(f, x, reps: int = 5) -> float:
+    with torch.inference_mode():
+        f(x)
+        f(x)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f(x)
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _probe_input(m: int, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g)
+    x[:, torch.randperm(k, generator=g)[: max(1, k // 100)]] *= 10  # outlier channels, as real activations have
+    return x
+
+
+class TunedLinear(nn.Module):
+    """A linear with one implementation per token-count bucket (static under torch.compile: the branch is on
+    the input's shape)."""
+
+    def __init__(self, inner: nn.Module, decode, prefill, names: tuple[str, str]):
+        super().__init__()
+        self.inner = inner
+        self._decode, self._prefill, self.names = decode, prefill, names
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x):
+        m = x.numel() // x.shape[-1]
+        return (self._decode if m <= DECODE_MAX else self._prefill)(x)
+
+    def extra_repr(self) -> str:
+        return f"decode={self.names[0]}, prefill={self.names[1]}"
+
+
+def _linears(model):
+    for name, mod in model.named_modules():
+        if name and (type(mod) is nn.Linear or hasattr(mod, "qweight")) and not isinstance(mod, TunedLinear):
+            yield name, mod
+
+
+def tune_threads(model, batch: int, cache: dict, key_base: str) -> int:
+    n_cpu = os.cpu_count() or 1
+    key = f"threads|{key_base}|cpus:{n_cpu}"
+    if key in cache:
+        return int(cache[key])
+    mods = list({(_fmt(m), m.out_features, m.in_features): m for _, m in _linears(model)}.values())
+    best, best_t = torch.get_num_threads(), float("inf")
+    for t in sorted({1, max(1, n_cpu // 2), n_cpu}):
+        torch.set_num_threads(t)
+        total = sum(_time(m.forward, _probe_input(batch, m.in_features), reps=3) for m in mods)
+        if total < best_t:
+            best, best_t = t, total
+    cache[key] = best
+    return best
+
+
+def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, memory_budget: int | None = None,
+               progress: bool = True) -> dict:
+    """Choose and install an implementation per linear and bucket. Returns a summary (also in ``info()``)."""
+    from .memory_plan import weight_bytes
+
+    path = cache_file()
+    cache = load_cache(path)
+    base = f"{cpu_key()}|torch:{torch.__version__}"
+    threads = tune_threads(model, max_batch, cache, base)
+    torch.set_num_threads(threads)
+    budget = weight_bytes(model) if memory_budget is None else memory_budget
+    buckets = {"decode": max_batch, "prefill": prefill_tokens}
+    layers = list(_linears(model))
+    timings = {}  # (fmt, N, K, bucket) -> {impl: seconds or None when over the quality budget}
+    with Progress("autotuning kernels", total=len(layers), unit=" linears", enabled=progress) as pb:
+        for _, mod in layers:
+            for bucket, m in buckets.items():
+                k = (_fmt(mod), mod.out_features, mod.in_features, bucket)
+                ck = f"{k[0]}|{k[1]}x{k[2]}|{bucket}:{m}|{base}|threads:{threads}"
+                if k in timings:
+                    continue
+                if ck in cache:
+                    timings[k] = cache[ck]
+                    continue
+                x = _probe_input(m, mod.in_features)
+                with torch.inference_mode():
+                    ref = _reference(mod, x)
+                res = {}
+                for name, (make, _) in implementations(mod).items():
+                    f = _named(make(mod), name)
+                    with torch.inference_mode():
+                        err = float((f(x).float() - ref).norm() / ref.norm().clamp_min(1e-30))
+                    res[name] = _time(f, x) if err <= QUALITY_BUDGET else None
+                timings[k] = cache[ck] = res
+            pb.update()
+    # the fastest eligible implementation per layer and bucket; memory-costly ones by time saved per byte
+    wants = []
+    for name, mod in layers:
+        impls = implementations(mod)
+        for bucket in buckets:
+            res = timings[(_fmt(mod), mod.out_features, mod.in_features, bucket)]
+            ok = {n: t for n, t in res.items() if t is not None and n in impls}
+            best = min(ok, key=ok.get)
+            if impls[best][1] > 0:
+                wants.append(((ok["native"] - ok[best]) / impls[best][1], name, bucket, best))
+    granted, used = {}, 0
+    for _, name, bucket, best in sorted(wants, reverse=True):
+        cost = implementations(model.get_submodule(name))[best][1]
+        if (name, "bf16") in {(n, i) for (n, _), i in granted.items()}:
+            cost = 0  # one bf16 copy serves both buckets
+        if used + cost <= budget:
+            granted[(name, bucket)] = best
+            used += cost
+    summary = {"threads": threads, "extra_bytes": used, "choices": {}}
+    from ..quant.api import set_module
+
+    for name, mod in layers:
+        impls = implementations(mod)
+        chosen, fns = [], {}
+        for bucket in buckets:
+            res = timings[(_fmt(mod), mod.out_features, mod.in_features, bucket)]
+            ok = {n: t for n, t in res.items() if t is not None and n in impls and impls[n][1] == 0}
+            pick = granted.get((name, bucket)) or min(ok, key=ok.get)
+            if pick not in fns:
+                fns[pick] = impls[pick][0](mod)
+            chosen.append(pick)
+        summary["choices"][f"{_fmt(mod)} {mod.out_features}x{mod.in_features}"] = chosen
+        if chosen != ["native", "native"]:
+            tl = TunedLinear(mod, fns[chosen[0]], fns[chosen[1]], tuple(chosen))
+            for n_, f in fns.items():
+                if hasattr(f, "weight"):
+                    tl.register_buffer(f"w_{n_}", f.weight, persistent=False)
+            set_module(model, name, tl)
+    save_cache(path, cache)
+    return summary

@@ -1,0 +1,59 @@
+"""The static memory plan of a compiled model: every byte the runtime holds, decided before the first request.
+
+- weights: the tensors as held (quantized codes and qparams, float layers), tied tensors once;
+- KV cache: ``layers x 2 x batch x kv_heads x max_len x head_dim`` in the cache dtype, allocated once at compile
+  time and reused by every generation that fits (``KVCache`` rows are selected, not reallocated);
+- activations: the peak live set of one forward step at the planned shapes (the largest prefill chunk, or a
+  decode step of the whole batch), from the layer shapes: the residual stream, the fused q/k/v, attention
+  output, the fused gate/up and its product, and the logits rows. At O2 inductor lays these buffers out
+  statically inside the compiled graphs; at O1 the plan bounds what the eager allocator reuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    max_batch: int
+    max_len: int
+    prefill_tokens: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def weight_bytes(model) -> int:
+    seen, n = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+def activation_bytes(cfg, tokens: int, rows_with_logits: int, dtype_bytes: int) -> int:
+    """Peak live activations of one step over ``tokens`` tokens (two residual copies, the widest projection,
+    the attention output) plus the float32 logits of ``rows_with_logits`` rows."""
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    widest = max(qkv + cfg.num_attention_heads * cfg.head_dim, 3 * I)  # q/k/v + attn out, or gate/up + product
+    return tokens * (2 * D + widest) * dtype_bytes + rows_with_logits * cfg.vocab_size * 4
+
+
+def plan(model, max_batch: int, max_len: int, prefill_tokens: int, dtype=torch.float32) -> MemoryPlan:
+    cfg = model.config
+    dt = torch.empty(0, dtype=dtype).element_size()
+    kv = cfg.num_hidden_layers * 2 * max_batch * cfg.num_key_value_heads * max_len * cfg.head_dim * dt
+    act = max(activation_bytes(cfg, prefill_tokens, max_batch, dt), activation_bytes(cfg, max_batch, max_batch, dt))
+    return MemoryPlan(max_batch, max_len, prefill_tokens, weight_bytes(model), kv, act)

@@ -1,0 +1,118 @@
+"""Optimize levels against O0 (the oracle): greedy tokens and logits on tiny models, float and quantized; the
+static memory plan; no recompiles after warm-up; a corrupt autotune cache."""
+
+import json
+
+import pytest
+import torch
+
+from openautoglm import Engine
+
+PROMPTS = ("Hello there", "def f(x):", "東京 😀")
+# stated tolerances on logits against O0: O1 reorders GEMMs (fused weights); O2 adds inductor's fused kernels;
+# O3 may pick bf16 GEMMs (within the kernel selector's quality budget)
+TOL = {"O1": 1e-4, "O2": 1e-3, "O3": 5e-2}
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    import os
+
+    d = tmp_path_factory.mktemp("oag-cache")
+    old = os.environ.get("OPENAUTOGLM_CACHE")
+    os.environ["OPENAUTOGLM_CACHE"] = str(d)
+    yield d
+    if old is None:
+        del os.environ["OPENAUTOGLM_CACHE"]
+    else:
+        os.environ["OPENAUTOGLM_CACHE"] = old
+
+
+@pytest.mark.parametrize("prefer", ["native", "bf16", "w8a8"])
+def test_every_kernel_choice_matches_o0(tiny_engine_dir, cache_env, monkeypatch, prefer):
+    # force the selector's hand (timings rigged so `prefer` wins wherever it is eligible): every choice it can
+    # make must keep O0's greedy tokens
+    from openautoglm.compiler import autotune
+
+    monkeypatch.setattr(autotune, "_time", lambda f, x, reps=5: 0.0 if getattr(f, "impl", "") == prefer else 1.0)
+    monkeypatch.setattr(autotune, "cache_file", lambda: cache_env / f"autotune-{prefer}.json")
+    scheme = "int8" if prefer == "w8a8" else "int4-g32"
+    e0, e1 = _engine(tiny_engine_dir, scheme), _engine(tiny_engine_dir, scheme, "O3")
+    picked = {c for v in e1.info()["compile"]["autotune"]["choices"].values() for c in v}
+    assert prefer in picked
+    for p in PROMPTS:
+        assert e0.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids == \
+            e1.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
+
+
+def _engine(d, scheme, level=None):
+    e = Engine(model=d, progress=False)
+    if scheme != "fp32":
+        e.quantize(scheme.split("-g")[0], group_size=int(scheme.split("-g")[1]) if "-g" in scheme else 32)
+    if level:
+        e.compile(level, max_batch=2, max_len=256)
+    return e
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "int4-g32"])
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+def test_level_matches_o0(tiny_engine_dir, cache_env, level, scheme):
+    e0, e1 = _engine(tiny_engine_dir, scheme), _engine(tiny_engine_dir, scheme, level)
+    for p in PROMPTS:
+        a = e0.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
+        b = e1.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
+        assert a == b, (level, scheme, p)
+    # batched, rows of different lengths: the planned cache (2 rows) is reused
+    a = [r.token_ids for r in e0.generate(["one", "a longer second prompt"], max_tokens=12, ignore_eos=True)]
+    b = [r.token_ids for r in e1.generate(["one", "a longer second prompt"], max_tokens=12, ignore_eos=True)]
+    assert a == b
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        l0, l1 = e0.model(ids), e1.compiled.runner(ids)
+    err = float((l1 - l0).abs().max() / l0.abs().max())
+    assert err < TOL[level], err
+
+
+def test_memory_plan_is_reported_and_the_cache_reused(tiny_engine_dir, cache_env):
+    e = _engine(tiny_engine_dir, "fp32", "O1")
+    plan = e.info()["compile"]["memory_plan"]
+    cache = e.compiled.cache
+    assert plan["kv_cache_bytes"] == cache.nbytes > 0 and plan["max_batch"] == 2 and plan["max_len"] == 256
+    assert plan["total_bytes"] == plan["weight_bytes"] + plan["kv_cache_bytes"] + plan["activation_bytes"]
+    ptrs = [t.data_ptr() for t in cache.k]
+    g = e.new_generation([[1, 2, 3]], e._params(max_tokens=5))
+    for _ in g:
+        pass
+    assert g.cache is cache and [t.data_ptr() for t in cache.k] == ptrs
+
+
+def test_nothing_recompiles_after_warm_up(tiny_engine_dir, cache_env):
+    import torch._dynamo
+
+    e = _engine(tiny_engine_dir, "int4-g32", "O2")
+    e.generate("warm up", max_tokens=8, ignore_eos=True)
+    shapes = set(e.compiled.runner.shapes)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for p in ("a", "a somewhat longer prompt than before", "x " * 40):
+            e.generate(p, max_tokens=30, ignore_eos=True)
+    assert e.compiled.runner.shapes == shapes  # one (batch, bucket) shape for all of them
+
+
+def test_corrupt_autotune_cache_falls_back(tiny_engine_dir, cache_env):
+    from openautoglm.compiler.autotune import cache_file
+
+    f = cache_file()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text("{broken")
+    e0, e = _engine(tiny_engine_dir, "int8"), _engine(tiny_engine_dir, "int8", "O3")
+    assert e.generate("Hello", max_tokens=10, ignore_eos=True)[0].token_ids == \
+        e0.generate("Hello", max_tokens=10, ignore_eos=True)[0].token_ids
+    d = json.loads(f.read_text())  # rewritten, valid
+    assert any(k.startswith("threads|") for k in d)
+    # entries naming kernels this version does not know are ignored too
+    d = {k: ({"native": v["native"], "bogus": 0.0} if isinstance(v, dict) else v) for k, v in d.items()}
+    f.write_text(json.dumps(d))
+    e2 = _engine(tiny_engine_dir, "int8", "O3")
+    assert e2.generate("Hello", max_tokens=10, ignore_eos=True)[0].token_ids == \
+        e0.generate("Hello", max_tokens=10, ignore_eos=True)[0].token_ids
+    assert e.info()["compile"]["autotune"]["threads"] >= 1

@@ -66,8 +66,7 @@ def apply_quantized_structure(model: nn.Module, qinfo: dict, load) -> set[str]:
         raise InvalidModelError(f"quantized artifact format {qinfo.get('format_version')} is not supported "
                                 f"(this version reads {FORMAT_VERSION})")
     from .api import install
-    from .modules import from_qparams
-    from .primitives import unpack_bits
+    from .modules import IntxLinear, from_qparams
 
     used = set()
     for name, cd in qinfo.get("plan", {}).items():
@@ -81,8 +80,11 @@ def apply_quantized_structure(model: nn.Module, qinfo: dict, load) -> set[str]:
         used |= {f"{prefix}.{k}" for k in t} | ({f"{prefix}.bias"} if has_bias else set())
         if hasattr(cfg, "bits"):
             K = layer.embedding_dim if isinstance(layer, nn.Embedding) else layer.in_features
-            codes = unpack_bits(t["qweight"].to(torch.uint8), cfg.bits, K)
-            mod = from_qparams(cfg, codes, t["scales"], t["zeros"], bias)
+            q = t["qweight"].to(torch.uint8)
+            if q.shape[1] * 8 != K * cfg.bits:
+                raise InvalidModelError(f"{prefix}.qweight has {q.shape[1]} bytes a row; {cfg.name} at K={K} "
+                                        f"needs {K * cfg.bits // 8}")
+            mod = IntxLinear.from_packed(q.clone(), t["scales"], t["zeros"], cfg.bits, cfg.group_size, K, bias)
         else:
             mod = from_qparams(cfg, t["qweight"].to(torch.int8), t["scales"], None, bias)
         install(model, name, mod)

@@ -84,6 +84,14 @@ class IntxLinear(_QuantLinear):
         self._packed = None
 
     @classmethod
+    def from_packed(cls, packed, scales, zeros, bits: int, group_size: int, in_features: int, bias) -> "IntxLinear":
+        m = cls(torch.zeros(0, in_features, dtype=torch.uint8), scales[:0], zeros[:0], bits, group_size, bias)
+        m.qweight = packed.contiguous()
+        m.scales, m.zeros = scales.to(torch.bfloat16).contiguous(), zeros.to(torch.bfloat16).contiguous()
+        m.out_features = packed.shape[0]
+        return m
+
+    @classmethod
     def from_weight(cls, w: torch.Tensor, bias, cfg) -> "IntxLinear":
         q, s, z = P.asym_per_group(w.detach(), cfg.bits, cfg.group_size)
         return cls(q, s, z, cfg.bits, cfg.group_size, bias)
@@ -210,7 +218,7 @@ def cat_rows(mods: list[nn.Module]) -> nn.Module | None:
         return None
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
     cat = {k: torch.cat([getattr(m, k) for m in mods], 0) for k in ("qweight", "scales", "zeros") if hasattr(mods[0], k)}
-    if t is IntxLinear:
-        codes = P.unpack_bits(cat["qweight"], mods[0].bits, mods[0].in_features)
-        return IntxLinear(codes, cat["scales"], cat["zeros"], mods[0].bits, mods[0].group_size, bias)
+    if t is IntxLinear:  # packed rows concatenate as they are: no unpacking (no int32 transient)
+        return IntxLinear.from_packed(cat["qweight"], cat["scales"], cat["zeros"], mods[0].bits,
+                                      mods[0].group_size, mods[0].in_features, bias)
     return t(cat["qweight"], cat["scales"], bias)

@@ -234,7 +234,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, method: str = "
     return out
 
 
-def solve(units: dict[str, Unit], target_bits: float, resolution: int = 4000) -> tuple[dict, float, float]:
+def solve(units: dict[str, Unit], target_bits: float, resolution: int = 20000) -> tuple[dict, float, float]:
     """Exact multiple-choice knapsack on a grid: ``({layer: config}, predicted KLD, achieved bits/weight)``."""
     names = sorted(units)
     total_w = sum(units[n].n_weights for n in names)
@@ -248,11 +248,14 @@ def solve(units: dict[str, Unit], target_bits: float, resolution: int = 4000) ->
     need = sum(min(o[0] for o in os_) for os_ in opts)
     if need > resolution:
         least = sum(min(units[n].cost(c) for c in candidates_for(units[n].in_features)) for n in names) / total_w
-        raise InvalidParameterError(f"--target-bits {target_bits} is below the smallest plan ({least:.2f} bits/weight)")
+        if least > target_bits or resolution >= 1 << 20:
+            raise InvalidParameterError(f"--target-bits {target_bits} is below the smallest plan "
+                                        f"({least:.3f} bits/weight)")
+        return solve(units, target_bits, resolution * 4)  # feasible, but the grid's rounding ate the slack
     INF = float("inf")
     dp = np.full(resolution + 1, INF)
     dp[0] = 0.0
-    choice = np.zeros((len(names), resolution + 1), dtype=np.int16)
+    choice = np.zeros((len(names), resolution + 1), dtype=np.int8)
     for ui, os_ in enumerate(opts):
         new = np.full(resolution + 1, INF)
         for ci, (c_cells, loss, _) in enumerate(os_):

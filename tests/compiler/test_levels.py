@@ -61,7 +61,12 @@ def test_level_matches_o0(tiny_engine_dir, cache_env, level, scheme):
     for p in PROMPTS:
         a = e0.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
         b = e1.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
-        assert a == b, (level, scheme, p)
+        if a != b:  # only allowed where O0 itself is at a tie within the level's stated tolerance
+            i = next(k for k in range(len(a)) if a[k] != b[k])
+            ids = torch.tensor([e0.tokenizer.encode(p) + a[:i]])
+            with torch.no_grad():
+                lg = e0.model(ids)[0, -1]
+            assert float(lg[a[i]] - lg[b[i]]) <= TOL[level] * float(lg.abs().max()), (level, scheme, p, i)
     # batched, rows of different lengths: the planned cache (2 rows) is reused
     a = [r.token_ids for r in e0.generate(["one", "a longer second prompt"], max_tokens=12, ignore_eos=True)]
     b = [r.token_ids for r in e1.generate(["one", "a longer second prompt"], max_tokens=12, ignore_eos=True)]

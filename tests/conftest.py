@@ -100,3 +100,19 @@ def tiny_engine(tiny_engine_dir):
     from openautoglm import Engine
 
     return Engine(model=tiny_engine_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def oag_cache(tmp_path_factory):
+    """A private OPENAUTOGLM_CACHE (sensitivities, autotune choices, inductor artifacts) shared by one module's
+    tests, so they neither read nor pollute the user's cache."""
+    import os
+
+    d = tmp_path_factory.mktemp("oag-cache")
+    old = os.environ.get("OPENAUTOGLM_CACHE")
+    os.environ["OPENAUTOGLM_CACHE"] = str(d)
+    yield d
+    if old is None:
+        del os.environ["OPENAUTOGLM_CACHE"]
+    else:
+        os.environ["OPENAUTOGLM_CACHE"] = old

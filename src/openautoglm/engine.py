@@ -238,6 +238,8 @@ class Engine:
     # ---- introspection ------------------------------------------------------------------------------
     def info(self) -> dict:
         """Architecture, parameter count, weight bytes by storage type, context length, device, level."""
+        from .compiler.memory_plan import weight_bytes_by_dtype
+
         cfg = self.config
         n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
         ckpt = self.checkpoint
@@ -253,24 +255,10 @@ class Engine:
             "vocab_size": cfg.vocab_size,
             "context_length": cfg.max_position_embeddings,
             "file_weight_bytes": ckpt.weight_bytes_by_storage(),
-            "runtime_weight_bytes": _runtime_bytes(self.model),
+            "runtime_weight_bytes": weight_bytes_by_dtype(self.model),
             "device": self.device,
             "optimize_level": self.optimize_level,
             "compile": self.compiled.info() if getattr(self, "compiled", None) is not None else None,
             "chat_template": bool(self.tokenizer.chat_template),
             "load_seconds": round(self.load_seconds, 3),
         }
-
-
-def _runtime_bytes(model) -> dict[str, int]:
-    """Bytes of the weights as held in memory, by dtype: parameters and persistent buffers (quantized codes,
-    scales), tied tensors counted once; recomputed tables (RoPE) are not weights."""
-    out: dict[str, int] = {}
-    seen = set()
-    for t in model.state_dict().values():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        k = str(t.dtype).replace("torch.", "")
-        out[k] = out.get(k, 0) + t.numel() * t.element_size()
-    return out

@@ -14,28 +14,14 @@ PROMPTS = ("Hello there", "def f(x):", "東京 😀")
 TOL = {"O1": 1e-4, "O2": 1e-3, "O3": 5e-2}
 
 
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    import os
-
-    d = tmp_path_factory.mktemp("oag-cache")
-    old = os.environ.get("OPENAUTOGLM_CACHE")
-    os.environ["OPENAUTOGLM_CACHE"] = str(d)
-    yield d
-    if old is None:
-        del os.environ["OPENAUTOGLM_CACHE"]
-    else:
-        os.environ["OPENAUTOGLM_CACHE"] = old
-
-
 @pytest.mark.parametrize("prefer", ["native", "bf16", "w8a8"])
-def test_every_kernel_choice_matches_o0(tiny_engine_dir, cache_env, monkeypatch, prefer):
+def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch, prefer):
     # force the selector's hand (timings rigged so `prefer` wins wherever it is eligible): every choice it can
     # make must keep O0's greedy tokens
     from openautoglm.compiler import autotune
 
     monkeypatch.setattr(autotune, "_time", lambda f, x, reps=5: 0.0 if getattr(f, "impl", "") == prefer else 1.0)
-    monkeypatch.setattr(autotune, "cache_file", lambda: cache_env / f"autotune-{prefer}.json")
+    monkeypatch.setattr(autotune, "cache_file", lambda: oag_cache / f"autotune-{prefer}.json")
     scheme = "int8" if prefer == "w8a8" else "int4-g32"
     e0, e1 = _engine(tiny_engine_dir, scheme), _engine(tiny_engine_dir, scheme, "O3")
     picked = {c for v in e1.info()["compile"]["autotune"]["choices"].values() for c in v}
@@ -56,7 +42,7 @@ def _engine(d, scheme, level=None):
 
 @pytest.mark.parametrize("scheme", ["fp32", "int4-g32"])
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
-def test_level_matches_o0(tiny_engine_dir, cache_env, level, scheme):
+def test_level_matches_o0(tiny_engine_dir, oag_cache, level, scheme):
     e0, e1 = _engine(tiny_engine_dir, scheme), _engine(tiny_engine_dir, scheme, level)
     for p in PROMPTS:
         a = e0.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
@@ -78,7 +64,7 @@ def test_level_matches_o0(tiny_engine_dir, cache_env, level, scheme):
     assert err < TOL[level], err
 
 
-def test_memory_plan_is_reported_and_the_cache_reused(tiny_engine_dir, cache_env):
+def test_memory_plan_is_reported_and_the_cache_reused(tiny_engine_dir, oag_cache):
     e = _engine(tiny_engine_dir, "fp32", "O1")
     plan = e.info()["compile"]["memory_plan"]
     cache = e.compiled.cache
@@ -91,19 +77,18 @@ def test_memory_plan_is_reported_and_the_cache_reused(tiny_engine_dir, cache_env
     assert g.cache is cache and [t.data_ptr() for t in cache.k] == ptrs
 
 
-def test_nothing_recompiles_after_warm_up(tiny_engine_dir, cache_env):
+def test_nothing_recompiles_after_warm_up(tiny_engine_dir, oag_cache):
     import torch._dynamo
 
     e = _engine(tiny_engine_dir, "int4-g32", "O2")
     e.generate("warm up", max_tokens=8, ignore_eos=True)
-    shapes = set(e.compiled.runner.shapes)
+    # any new shape or failed guard would compile again, and raises here
     with torch._dynamo.config.patch(error_on_recompile=True):
         for p in ("a", "a somewhat longer prompt than before", "x " * 40):
             e.generate(p, max_tokens=30, ignore_eos=True)
-    assert e.compiled.runner.shapes == shapes  # one (batch, bucket) shape for all of them
 
 
-def test_corrupt_autotune_cache_falls_back(tiny_engine_dir, cache_env):
+def test_corrupt_autotune_cache_falls_back(tiny_engine_dir, oag_cache):
     from openautoglm.compiler.autotune import cache_file
 
     f = cache_file()

@@ -39,7 +39,6 @@ def test_gguf_quantized_matches_dequantized_hf(tmp_path, qtype):
 def test_gguf_rope_freqs_tensor_gives_llama3_scaling(tmp_path):
     """llama.cpp writes llama3 RoPE scaling as a rope_freqs tensor (convert_hf_to_gguf's generate_extra_tensors)."""
     import numpy as np
-    import gguf
 
     from openautoglm.models.config import ModelConfig
     from openautoglm.models.layers import rope_inv_freq

@@ -46,23 +46,8 @@ def test_solver_refuses_an_impossible_budget():
         solve(_units(), 2.0)
 
 
-@pytest.fixture(scope="module")
-def sens_cache(tmp_path_factory):
-    """One sensitivity measurement shared by the tests here (the cache is keyed by model, method and text)."""
-    import os
-
-    d = tmp_path_factory.mktemp("auto-cache")
-    old = os.environ.get("OPENAUTOGLM_CACHE")
-    os.environ["OPENAUTOGLM_CACHE"] = str(d)
-    yield d
-    if old is None:
-        del os.environ["OPENAUTOGLM_CACHE"]
-    else:
-        os.environ["OPENAUTOGLM_CACHE"] = old
-
-
 @pytest.mark.parametrize("target", [3.0, 4.5])
-def test_auto_plan_respects_its_budget_and_reloads(tiny_engine_dir, tmp_path, target, sens_cache):
+def test_auto_plan_respects_its_budget_and_reloads(tiny_engine_dir, tmp_path, target, oag_cache):
     from safetensors import safe_open
 
     from openautoglm import Engine
@@ -90,7 +75,7 @@ def test_auto_plan_respects_its_budget_and_reloads(tiny_engine_dir, tmp_path, ta
     with torch.no_grad():
         assert torch.equal(eng.model(ids), again.model(ids))
     # a second plan at the same target comes from the sensitivity cache; a corrupt cache is measured again
-    files = list((sens_cache / "sensitivity").glob("*.json"))
+    files = list((oag_cache / "sensitivity").glob("*.json"))
     assert len(files) == 1
     if target == 3.0:
         files[0].write_text("{not json")
@@ -100,7 +85,7 @@ def test_auto_plan_respects_its_budget_and_reloads(tiny_engine_dir, tmp_path, ta
     json.loads(files[0].read_text())
 
 
-def test_more_bits_never_predict_more_loss(tiny_engine_dir, sens_cache):
+def test_more_bits_never_predict_more_loss(tiny_engine_dir, oag_cache):
     from openautoglm import Engine
 
     preds = []
@@ -124,14 +109,14 @@ def test_formats_between_the_anchors_are_placed_on_their_power_law():
     assert got["int3-g64"] == pytest.approx(10 ** -2.5) and got["int8"] == pytest.approx(1e-7)
 
 
-def test_sensitivities_fall_with_bits_and_int2_hurts(tiny_engine_dir, sens_cache):
+def test_sensitivities_fall_with_bits_and_int2_hurts(tiny_engine_dir, oag_cache):
     import json
 
     from openautoglm import Engine
 
     eng = Engine(model=tiny_engine_dir, progress=False)
     eng.quantize("auto", target_bits=4.0, calib_tokens=512)
-    units = json.loads(next((sens_cache / "sensitivity").glob("*.json")).read_text())
+    units = json.loads(next((oag_cache / "sensitivity").glob("*.json")).read_text())
     for u in units.values():
         d = u["dkld"]
         assert d["int2-g64"] >= d["int3-g64"] >= d["int4-g64"] >= d["int4-g32"] >= d["int8"]

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from openautoglm.quant import primitives as P
 from openautoglm.quant.awq import apply_scales, fake_quant, search_scales
 from openautoglm.quant.config import Int8WeightOnlyConfig, IntxWeightOnlyConfig
 from openautoglm.quant.gptq import gptq, hessian_update
@@ -96,7 +95,7 @@ def test_awq_scaling_leaves_the_float_model_unchanged(hf_tiny):
         before = model(ids)
         g = torch.Generator().manual_seed(1)
         for i, layer in enumerate(model.model.layers):
-            for producer, consumers, rows in _awq_groups(layer, f"model.layers.{i}", None):
+            for producer, consumers, rows in _awq_groups(layer, f"model.layers.{i}"):
                 k = model.get_submodule(consumers[0]).in_features
                 apply_scales(producer, [model.get_submodule(c) for c in consumers], torch.rand(k, generator=g) + 0.5, rows)
         after = model(ids)

@@ -76,7 +76,6 @@ class Ours:
         return sum(self.engine.info()["runtime_weight_bytes"].values())
 
     def run(self, prompt_ids: list[int], gen_tokens: int, batch: int) -> Timing:
-        from ..runtime.generate import Generation
         from ..runtime.sampler import SamplingParams
 
         p = SamplingParams(max_tokens=gen_tokens, ignore_eos=True)

@@ -44,11 +44,9 @@ class CompiledLM(nn.Module):
         self.config = model.config
         prepare_kernels(model)
         self._decode = torch.compile(model, dynamic=False, fullgraph=False)
-        self.shapes: set[tuple[int, int]] = set()
 
     def forward(self, input_ids, positions=None, cache=None, logits_at=None):
         if cache is not None and input_ids.shape[1] == 1 and cache.static_len and logits_at is None:
-            self.shapes.add((input_ids.shape[0], cache.static_len))
             return self._decode(input_ids, positions, cache)
         return self.model(input_ids, positions, cache, logits_at)
 

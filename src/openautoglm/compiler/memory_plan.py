@@ -33,13 +33,22 @@ class MemoryPlan:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
-def weight_bytes(model) -> int:
-    seen, n = set(), 0
+def weight_bytes_by_dtype(model) -> dict[str, int]:
+    """Bytes of the weights as held in memory, by dtype: parameters and persistent buffers (quantized codes,
+    scales), tied tensors counted once; recomputed tables (RoPE) are not weights."""
+    out: dict[str, int] = {}
+    seen = set()
     for t in model.state_dict().values():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            n += t.numel() * t.element_size()
-    return n
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        k = str(t.dtype).replace("torch.", "")
+        out[k] = out.get(k, 0) + t.numel() * t.element_size()
+    return out
+
+
+def weight_bytes(model) -> int:
+    return sum(weight_bytes_by_dtype(model).values())
 
 
 def activation_bytes(cfg, tokens: int, rows_with_logits: int, dtype_bytes: int) -> int:

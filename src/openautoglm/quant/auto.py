@@ -30,10 +30,10 @@ from torch import nn
 
 from ..errors import InvalidParameterError
 from ..progress import Progress
-from .api import fit_group, is_tied, planned_layers
+from .api import is_tied, planned_layers
 from .awq import fake_quant
 from .calibrate import BlockRunner, _Inputs
-from .config import Int8WeightOnlyConfig, IntxWeightOnlyConfig, QuantPlan, parse_scheme
+from .config import Int8WeightOnlyConfig, QuantPlan, parse_scheme
 from .gptq import gptq, hessian_update
 from .modules import from_qparams
 

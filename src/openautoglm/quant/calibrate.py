@@ -102,7 +102,7 @@ class _Inputs:
         self._last = (None, None)
 
 
-def _awq_groups(layer: nn.Module, prefix: str, cfg) -> list[tuple[nn.Module, list[str], slice | None]]:
+def _awq_groups(layer: nn.Module, prefix: str) -> list[tuple[nn.Module, list[str], slice | None]]:
     """(producer, consumer names, producer rows) for a decoder layer: norm -> q/k/v, norm -> gate/up,
     up -> down, and v -> o where each o input channel has its own v output (no GQA sharing)."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -161,7 +161,7 @@ def calibrated_quantize_(model: nn.Module, plan: QuantPlan, method: str, windows
                 runner.run(layer, update=False)
                 hook.close()
                 if method == "awq":
-                    for producer, consumers, rows in _awq_groups(layer, prefix, None):
+                    for producer, consumers, rows in _awq_groups(layer, prefix):
                         consumers = [c for c in consumers if c in done]
                         if not consumers:
                             continue

@@ -67,7 +67,7 @@ def quantize_model(model: nn.Module, tokenizer, model_path, scheme: str, group_s
                    method: str = "rtn", target_bits: float | None = None, embeddings: str = "int8",
                    calib_text: str | None = None, calib_tokens: int = 8192, calib_ctx: int = 512,
                    act_order: bool = True, progress: bool = True) -> QuantResult:
-    from .auto import _units, cache_dir, cache_key, measure_sensitivity, plan_table, solve
+    from .auto import _Reference, _units, cache_dir, cache_key, measure_sensitivity, plan_table, solve
     from .calibrate import calibrated_quantize_, calibration_windows
 
     cfg = check_options(scheme, group_size, method, target_bits, calib_tokens, embeddings)
@@ -75,7 +75,7 @@ def quantize_model(model: nn.Module, tokenizer, model_path, scheme: str, group_s
     # the sensitivity probe text: 256 calibration tokens (every probe runs the model's tail on it, ~1000 probes)
     probe = calibration_windows(tokenizer, calib_text, 256, min(128, calib_ctx))[:2]
     with torch.no_grad():
-        ref_lp = torch.log_softmax(model(probe).float(), -1)
+        ref = _Reference(model(probe))
     sizes = _units(model)
     report = {}
     if scheme == "auto":
@@ -98,8 +98,7 @@ def quantize_model(model: nn.Module, tokenizer, model_path, scheme: str, group_s
     else:
         done = calibrated_quantize_(model, plan, method, windows, act_order=act_order, progress=progress, stats=report)
     with torch.no_grad():
-        lp = torch.log_softmax(model(probe).float(), -1)
-    kld = float((ref_lp.exp() * (ref_lp - lp)).sum(-1).mean())
+        kld = ref.kld(model(probe))
     if scheme == "auto":
         report["measured_kld"] = kld
         if progress:

@@ -8,7 +8,7 @@ run reproducible whatever else is in the batch. Temperature 0 is greedy (argmax)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

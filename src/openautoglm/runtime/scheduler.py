@@ -11,7 +11,6 @@ prompt is cut into chunks interleaved with everybody else's decode. A request's 
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import threading
 import time

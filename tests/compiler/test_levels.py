@@ -77,15 +77,23 @@ def test_memory_plan_is_reported_and_the_cache_reused(tiny_engine_dir, oag_cache
     assert g.cache is cache and [t.data_ptr() for t in cache.k] == ptrs
 
 
-def test_nothing_recompiles_after_warm_up(tiny_engine_dir, oag_cache):
-    import torch._dynamo
-
+def test_nothing_compiles_after_warm_up(tiny_engine_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAUTOGLM_CACHE", str(tmp_path))  # an empty disk cache: warm-up compiles
     e = _engine(tiny_engine_dir, "int4-g32", "O2")
-    e.generate("warm up", max_tokens=8, ignore_eos=True)
-    # any new shape or failed guard would compile again, and raises here
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for p in ("a", "a somewhat longer prompt than before", "x " * 40):
-            e.generate(p, max_tokens=30, ignore_eos=True)
+    runner = e.compiled.runner
+    built, buckets = runner.packages_built, set(runner._steps)
+    assert built == len(buckets) == 2  # max_len 256: buckets 128 and 256, compiled at warm-up (empty disk cache)
+    calls = runner.compiled_calls
+    for p in ("a", "a somewhat longer prompt than before", "x " * 40):  # one row and two, short and long
+        e.generate([p, p + " and more"], max_tokens=30, ignore_eos=True)
+        e.generate(p, max_tokens=30, ignore_eos=True)
+    assert runner.packages_built == built and set(runner._steps) == buckets  # nothing new compiled or loaded
+    assert runner.compiled_calls - calls == 6 * 29  # every decode step ran compiled code
+    # a second engine on the same disk cache loads the packages instead of compiling them
+    e2 = _engine(tiny_engine_dir, "int4-g32", "O2")
+    assert e2.compiled.runner.packages_built == 0 and set(e2.compiled.runner._steps) == buckets
+    assert e2.generate("x " * 40, max_tokens=30, ignore_eos=True)[0].token_ids == \
+        e.generate("x " * 40, max_tokens=30, ignore_eos=True)[0].token_ids
 
 
 def test_corrupt_autotune_cache_falls_back(tiny_engine_dir, oag_cache):

@@ -4,10 +4,10 @@
 - O1: load-time passes (``passes/``: QKV and gate-up fusion, float or quantized; RMSNorm folding where exact;
   dead-op removal), RoPE tables constant-folded at load (``RotaryTables``), and a static memory plan: the KV
   cache is allocated once at compile time from the plan and reused by every generation that fits.
-- O2: O1 plus ``torch.compile`` (inductor's C++ backend) of the decode step at static shapes: the batch as
-  given and the attended length rounded up to a bucket, so nothing recompiles during a generation. Compiled
-  artifacts go to inductor's on-disk caches under ``~/.cache/openautoglm/inductor``, so a second start reuses
-  them (``compile_seconds`` reports the cost of each start).
+- O2: O1 plus the decode step exported and compiled ahead of time by AOTInductor (inductor's C++ backend) over
+  the planned cache: the batch dynamic up to the plan, the attended length rounded up to a bucket (one package
+  each), so nothing is traced or compiled during a generation and no guards run per step. Packages go to
+  ``~/.cache/openautoglm/aoti``, so a second start loads them (``compile_seconds`` reports each start's cost).
 - O3: O2 plus the kernel selector (``autotune.py``): per linear shape, format and token-count bucket the
   candidate kernels this CPU offers are timed, the fastest within the quality budget is kept, and choices
   are cached on disk keyed by shape, format, device, CPU flags, torch version and threads; the thread count
@@ -85,12 +85,12 @@ def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = N
             from .autotune import tune_model
 
             autotune = tune_model(model, max_batch=max_batch, prefill_tokens=plan.prefill_tokens, progress=progress)
-        out.runner = CompiledLM(model, cache_dir=cache_root() / "inductor")
+        out.runner = CompiledLM(model, cache, cache_dir=cache_root() / "aoti")
         out.len_bucket = LEN_BUCKET
         out.autotune = autotune
         # every bucket up to the planned length (at most 4: longer ones compile on first use, once per machine)
         lens = list(range(LEN_BUCKET, max_len + LEN_BUCKET, LEN_BUCKET))[:4]
-        out.runner.warm_up(cache, [min(n, max_len) for n in lens], progress=progress)
+        out.runner.warm_up([min(n, max_len) for n in lens], progress=progress)
     out.compile_seconds = time.perf_counter() - t0
     torch.set_grad_enabled(True)
     return out

@@ -86,25 +86,28 @@ def _dequant_bf16(mod) -> torch.Tensor:
     return w.detach().to(torch.bfloat16).contiguous()
 
 
+class BF16Linear(nn.Module):
+    """A float linear on a bf16 copy of a layer's (dequantized) weights: oneDNN's bf16 GEMM, AMX where present."""
+
+    def __init__(self, mod: nn.Module):
+        super().__init__()
+        self.register_buffer("weight", _dequant_bf16(mod), persistent=False)
+        b = None if mod.bias is None else mod.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", b, persistent=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
 def implementations(mod) -> dict:
-    """name -> (make(mod) -> callable(x), extra bytes)."""
-    out = {"native": (lambda m: m.forward, 0)}
-
-    def make_bf16(m):
-        w = _dequant_bf16(m)
-        b = None if m.bias is None else m.bias.detach().to(torch.bfloat16)
-
-        def f(x):
-            return nn.functional.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
-        f.weight = w
-        return f
-
+    """name -> (make(mod) -> module with the layer's call signature, extra bytes it holds)."""
+    out = {"native": (lambda m: m, 0)}
     if not (type(mod) is nn.Linear and mod.weight.dtype == torch.bfloat16):
-        out["bf16"] = (make_bf16, 2 * mod.weight.numel() if type(mod) is nn.Linear else 2 * mod.in_features * mod.out_features)
+        out["bf16"] = (BF16Linear, 2 * mod.in_features * mod.out_features)
     if type(mod).__name__ == "Int8Linear":
         from ..quant.modules import Int8DynActLinear
 
-        out["w8a8"] = (lambda m: Int8DynActLinear(m.qweight, m.scales, m.bias).forward, 0)
+        out["w8a8"] = (lambda m: Int8DynActLinear(m.qweight, m.scales, m.bias), 0)  # shares the int8 weights
     return out
 
 
@@ -135,18 +138,18 @@ def _probe_input(m: int, k: int) -> torch.Tensor:
 
 
 class TunedLinear(nn.Module):
-    """A linear with one implementation per token-count bucket (static under torch.compile: the branch is on
-    the input's shape)."""
+    """A linear with one implementation per token-count bucket (static under compilation: the branch is on the
+    input's shape). The implementations are submodules, so everything they read is module state."""
 
-    def __init__(self, inner: nn.Module, decode, prefill, names: tuple[str, str]):
+    def __init__(self, inner: nn.Module, impls: dict[str, nn.Module], names: tuple[str, str]):
         super().__init__()
-        self.inner = inner
-        self._decode, self._prefill, self.names = decode, prefill, names
+        self.impls = nn.ModuleDict({"native": inner, **{k: v for k, v in impls.items() if k != "native"}})
+        self.names = names
         self.in_features, self.out_features = inner.in_features, inner.out_features
 
     def forward(self, x):
         m = x.numel() // x.shape[-1]
-        return (self._decode if m <= DECODE_MAX else self._prefill)(x)
+        return self.impls[self.names[0] if m <= DECODE_MAX else self.names[1]](x)
 
     def extra_repr(self) -> str:
         return f"decode={self.names[0]}, prefill={self.names[1]}"
@@ -242,10 +245,6 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
             chosen.append(pick)
         summary["choices"][f"{_fmt(mod)} {mod.out_features}x{mod.in_features}"] = chosen
         if chosen != ["native", "native"]:
-            tl = TunedLinear(mod, fns[chosen[0]], fns[chosen[1]], tuple(chosen))
-            for n_, f in fns.items():
-                if hasattr(f, "weight"):
-                    tl.register_buffer(f"w_{n_}", f.weight, persistent=False)
-            set_module(model, name, tl)
+            set_module(model, name, TunedLinear(mod, fns, tuple(chosen)))
     save_cache(path, cache)
     return summary

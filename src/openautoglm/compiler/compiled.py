@@ -1,67 +1,69 @@
-"""O2: the decode step compiled by ``torch.compile`` (inductor, C++ backend) at static shapes.
+"""O2: the decode step compiled ahead of time (AOTInductor, inductor's C++ backend; see ``aot.py``).
 
 ``CompiledLM`` has the model's call signature and is what generation calls. A decode step (one token per row)
-with a static-length cache (``KVCache.static_len``, set by generation from the compiled engine's bucket) runs
-the compiled graph, specialized to (batch, attended length): a generation keeps one shape from its first
-decode step to its last, so nothing recompiles during it. Prefill keeps the eager path, whose GEMMs are
-already large (and whose prompt lengths vary). Inductor's FX graph and AOT autograd caches are on disk, so a
-second process compiling the same graphs loads them instead of generating code again.
+over the planned cache, with a static attended length (``KVCache.static_len``, set by generation from the compiled
+engine's bucket), runs the compiled package for that length; anything else (prefill, whose GEMMs are already
+large and whose prompt lengths vary; another cache; rows other than the first B) runs the eager model. Packages
+are built at warm-up, or loaded from the on-disk cache when this machine built them before; a length first seen
+later is compiled once, on first use. Nothing is traced or compiled while a generation runs.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..progress import Progress
-
-
-def _configure(cache_dir: Path) -> None:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
-    import torch._inductor.config as ic
-
-    ic.fx_graph_cache = True
-    ic.freezing = False  # weights stay module state (quantized packs are built at load); see BENCHMARKS.md
-    ic.cpp_wrapper = os.environ.get("OPENAUTOGLM_CPP_WRAPPER", "1") == "1"
+from . import aot
 
 
 def prepare_kernels(model: nn.Module) -> None:
     """Build the CPU-specific weight packs now (not lazily inside the compiled region)."""
     for m in model.modules():
-        if hasattr(m, "_pack") and getattr(m, "_packed", 1) is None:
+        if hasattr(m, "_pack") and m.packed is None:
             m._pack()
 
 
 class CompiledLM(nn.Module):
-    def __init__(self, model: nn.Module, cache_dir: Path):
+    def __init__(self, model: nn.Module, cache, cache_dir: Path):
         super().__init__()
-        _configure(cache_dir)
         self.model = model
         self.config = model.config
+        self.cache_dir = cache_dir
+        self._cache = cache  # the planned cache: the packages are specialized to its tensors' shapes
+        self._shape = tuple(cache.k[0].shape)
+        self._steps: dict[int, aot.CompiledStep] = {}
+        self.packages_built = 0  # compiled in this process (not loaded from disk)
+        self.compiled_calls = 0
         prepare_kernels(model)
-        self._decode = torch.compile(model, dynamic=False, fullgraph=False)
+
+    def _fits(self, input_ids, cache, logits_at) -> bool:
+        return (input_ids.shape[1] == 1 and logits_at is None and cache is not None and bool(cache.static_len)
+                and tuple(cache.k[0].shape) == self._shape and cache.k[0].dtype == self._cache.k[0].dtype
+                and (cache._slots is None or cache._run == (0, input_ids.shape[0])))
 
     def forward(self, input_ids, positions=None, cache=None, logits_at=None):
-        if cache is not None and input_ids.shape[1] == 1 and cache.static_len and logits_at is None:
-            return self._decode(input_ids, positions, cache)
+        if positions is not None and self._fits(input_ids, cache, logits_at):
+            step = self._steps.get(cache.static_len) or self._load(cache.static_len)
+            self.compiled_calls += 1
+            return step(input_ids.contiguous(), positions.contiguous(), cache)
         return self.model(input_ids, positions, cache, logits_at)
 
-    @torch.inference_mode()
-    def warm_up(self, cache, lens: list[int], progress: bool = True) -> None:
-        """Compile the decode graphs for the planned cache at each attended length in ``lens`` now (or load them
-        from the disk cache), so requests do not pay for it."""
-        B = cache.batch
-        ids = torch.zeros(B, 1, dtype=torch.long)
-        saved = cache.static_len
+    def _load(self, static_len: int) -> aot.CompiledStep:
+        path = self.cache_dir / f"decode-{aot.package_key(self.model, self._shape, static_len)}.pt2"
+        if not path.is_file():
+            aot.compile_package(self.model, self._cache, static_len, path)
+            self.packages_built += 1
+        self._steps[static_len] = step = aot.CompiledStep(path, self.model, static_len)
+        return step
+
+    def warm_up(self, lens: list[int], progress: bool = True) -> None:
+        """Build (or load from the disk cache) the decode packages for each attended length in ``lens`` now, so
+        requests do not pay for it."""
         with Progress("compiling decode step", total=len(lens), unit=" shapes", enabled=progress) as pb:
             for n in lens:
-                cache.static_len = n
-                cache.select(None)
-                for step in range(2):  # the second call checks the guards hold (no recompile)
-                    self.forward(ids, torch.full((B, 1), step), cache)
+                if n not in self._steps:
+                    self._load(n)
                 pb.update()
-        cache.static_len = saved

@@ -81,7 +81,10 @@ class IntxLinear(_QuantLinear):
         self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # (N, K/g)
         self.register_buffer("zeros", zeros.to(torch.bfloat16).contiguous())  # value at code 2^(bits-1)
         self.bias = _bias(bias)
-        self._packed = None
+        # the CPU-specific pack for the int4 kernel (built at load, never saved): module state, so that it moves
+        # with the module and ahead-of-time compiled code can take it as an input
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("packed_sz", None, persistent=False)
 
     @classmethod
     def from_packed(cls, packed, scales, zeros, bits: int, group_size: int, in_features: int, bias) -> "IntxLinear":
@@ -112,16 +115,15 @@ class IntxLinear(_QuantLinear):
         # centre the b-bit codes on the 4-bit kernel's 8: (q + 8 - mid - 8) * s + z == (q - mid) * s + z exactly
         codes = self.codes().to(torch.int32) + (8 - (1 << (self.bits - 1)))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
-        self._packed = (packed, sz)
+        self.packed = packed
+        self.packed_sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
 
     def forward(self, x):
-        if self._packed is None:
+        if self.packed is None:
             self._pack()
-        packed, sz = self._packed
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.packed_sz)
         return self._out(y, x, shape)
 
 

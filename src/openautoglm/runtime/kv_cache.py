@@ -33,11 +33,21 @@ def model_device(model) -> torch.device:
 class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv: int, max_len: int, head_dim: int,
                  dtype=torch.float32, device=None):
-        self.batch, self.max_len = batch, max_len
         shape = (batch, n_kv, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self._heads = torch.arange(n_kv, device=device)[None, :, None]  # (1, KV, 1)
+        self._bind([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+
+    @classmethod
+    def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor], static_len: int | None = None) -> "KVCache":
+        """A cache over existing (batch, n_kv, max_len, head_dim) tensors (a compiled step's inputs)."""
+        c = cls.__new__(cls)
+        c._bind(list(k), list(v))
+        c.static_len = static_len
+        return c
+
+    def _bind(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        self.k, self.v = k, v
+        self.batch, self.n_kv, self.max_len, _ = k[0].shape
         self._step = None
         self._slots = None  # cache rows the next steps run on; None = rows 0..B-1
         self._run = None  # (start, stop) when those rows are contiguous
@@ -81,16 +91,17 @@ class KVCache:
         run = (0, B) if slots is None else self._run
         if slots is None:
             slots = torch.arange(B, device=positions.device)
-        self._step = (slots[:, None, None], positions[:, None, :], kv_len, run, slots)
+        heads = torch.arange(self.n_kv, device=positions.device)[None, :, None]  # (1, KV, 1)
+        self._step = (slots[:, None, None], heads, positions[:, None, :], kv_len, run, slots)
         j = torch.arange(kv_len, device=positions.device)
         return j[None, None, None, :] <= positions[:, None, :, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k/v (B, KV, T, hd) at the step's positions; return this step's view (B, KV, kv_len, hd)."""
-        rows, pos, kv_len, run, slots = self._step
+        rows, heads, pos, kv_len, run, slots = self._step
         kc, vc = self.k[layer], self.v[layer]
-        kc.index_put_((rows, self._heads, pos), k)
-        vc.index_put_((rows, self._heads, pos), v)
+        kc.index_put_((rows, heads, pos), k)
+        vc.index_put_((rows, heads, pos), v)
         if run is not None:
             a, b = run
             return kc[a:b, :, :kv_len], vc[a:b, :, :kv_len]

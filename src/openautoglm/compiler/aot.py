@@ -102,12 +102,13 @@ class CompiledStep:
     """A loaded package, called with the model's own tensors (shared, not copied)."""
 
     def __init__(self, path: Path, model: nn.Module, static_len: int):
-        import torch._inductor
-
         self.static_len = static_len
         self._step = DecodeStep(model, static_len)
         self._weights = self._step.weights()
-        self._run = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
+        # the C++ loader itself (what torch._inductor.aoti_load_package wraps): serving needs neither inductor's
+        # nor Dynamo's Python modules, which cost seconds to import and ~100 MB of memory
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        self._run = loader.boxed_run
 
     def __call__(self, ids, positions, cache: KVCache):
         return self._run([ids, positions, *cache.k, *cache.v, *self._weights])[0]

@@ -3,7 +3,10 @@ planned batch; prefill: the planned chunk) it times the implementations this CPU
 
 - ``native``: the layer's own kernel (int4/int8 weight-only packs, W8A8 ``_int_mm``, or the float GEMM);
 - ``bf16``: a bf16 GEMM on the layer's weights dequantized once (oneDNN, AMX where the CPU has it); it costs
-  2 bytes a weight of memory, so it is granted within a memory budget, best time saved per byte first;
+  2 bytes a weight of memory, so it is granted only where it beats every free candidate by ``COPY_MIN_GAIN``,
+  within a memory budget, best time saved per byte first;
+- ``bf16-dq``: for int4 layers, a bf16 GEMM on weights dequantized at each call by the native kernel
+  (``kernels/``) into a reused buffer: prefill's choice, costing no memory;
 - ``w8a8``: for int8 weight-only layers, int8 activations per token and ``torch._int_mm``.
 
 A candidate is eligible only if its output stays within the quality budget: relative error against the
@@ -20,6 +23,7 @@ import hashlib
 import json
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +33,10 @@ from torch import nn
 from ..progress import Progress
 
 QUALITY_BUDGET = 1e-2
+# a kept bf16 copy costs 2 bytes a weight for as long as the model lives (4x int4 codes): granted only where it is
+# at least this much faster than the best implementation that keeps nothing (int4 prefill: the dequantizing GEMM
+# is within 5-25% of the copy here, so no copy is kept)
+COPY_MIN_GAIN = 0.25
 DECODE_MAX = 16  # token counts up to this use the decode choice
 
 
@@ -99,11 +107,44 @@ class BF16Linear(nn.Module):
         return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 
+class DequantBF16Linear(nn.Module):
+    """A bf16 GEMM on an int4 layer's weights dequantized at each call by the native kernel (``kernels/``) into a
+    reused buffer: nothing is kept beside the int4 codes, and one dequantization serves every token of a prefill
+    chunk. The source layer is held outside the module tree (it is registered once, as the tuned layer's
+    ``native``)."""
+
+    _buffers_by_shape = threading.local()
+
+    def __init__(self, mod: nn.Module):
+        super().__init__()
+        self._src = (mod,)
+        b = None if mod.bias is None else mod.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", b, persistent=False)
+
+    def weight(self) -> torch.Tensor:
+        from .. import kernels
+
+        m = self._src[0]
+        bufs = self._buffers_by_shape.__dict__.setdefault("d", {})
+        key = (m.out_features, m.in_features)
+        if key not in bufs:
+            bufs[key] = torch.empty(key, dtype=torch.bfloat16)
+        return kernels.dequant_int4_bf16(m.qweight, m.scales, m.zeros, m.group_size, out=bufs[key])
+
+    def forward(self, x):
+        return nn.functional.linear(x.to(torch.bfloat16), self.weight(), self.bias).to(x.dtype)
+
+
 def implementations(mod) -> dict:
     """name -> (make(mod) -> module with the layer's call signature, extra bytes it holds)."""
     out = {"native": (lambda m: m, 0)}
     if not (type(mod) is nn.Linear and mod.weight.dtype == torch.bfloat16):
         out["bf16"] = (BF16Linear, 2 * mod.in_features * mod.out_features)
+    if type(mod).__name__ == "IntxLinear" and mod.bits == 4:
+        from .. import kernels
+
+        if kernels.available():
+            out["bf16-dq"] = (DequantBF16Linear, 0)
     if type(mod).__name__ == "Int8Linear":
         from ..quant.modules import Int8DynActLinear
 
@@ -195,7 +236,8 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
         for _, mod in layers:
             for bucket, m in buckets.items():
                 k = (_fmt(mod), mod.out_features, mod.in_features, bucket)
-                ck = f"{k[0]}|{k[1]}x{k[2]}|{bucket}:{m}|{base}|threads:{threads}"
+                ck = (f"{k[0]}|{k[1]}x{k[2]}|{bucket}:{m}|{base}|threads:{threads}"
+                      f"|impls:{','.join(sorted(implementations(mod)))}")
                 if k in timings:
                     continue
                 if ck in cache:
@@ -212,7 +254,8 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
                     res[name] = _time(f, x) if err <= QUALITY_BUDGET else None
                 timings[k] = cache[ck] = res
             pb.update()
-    # the fastest eligible implementation per layer and bucket; memory-costly ones by time saved per byte
+    # the fastest eligible implementation per layer and bucket; a memory-costly one only when it beats the best
+    # free one by COPY_MIN_GAIN, by time saved per byte first
     wants = []
     for name, mod in layers:
         impls = implementations(mod)
@@ -220,8 +263,9 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
             res = timings[(_fmt(mod), mod.out_features, mod.in_features, bucket)]
             ok = {n: t for n, t in res.items() if t is not None and n in impls}
             best = min(ok, key=ok.get)
-            if impls[best][1] > 0:
-                wants.append(((ok["native"] - ok[best]) / impls[best][1], name, bucket, best))
+            free = min(t for n, t in ok.items() if impls[n][1] == 0)
+            if impls[best][1] > 0 and ok[best] <= free * (1 - COPY_MIN_GAIN):
+                wants.append(((free - ok[best]) / impls[best][1], name, bucket, best))
     granted, used = {}, 0
     for _, name, bucket, best in sorted(wants, reverse=True):
         cost = implementations(model.get_submodule(name))[best][1]

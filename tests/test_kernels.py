@@ -1,0 +1,72 @@
+"""Native kernels against their torch references, bit for bit (``openautoglm.kernels``)."""
+
+import pytest
+import torch
+
+from openautoglm import kernels
+from openautoglm.compiler.autotune import DequantBF16Linear
+from openautoglm.quant import primitives as P
+from openautoglm.quant.config import IntxWeightOnlyConfig
+from openautoglm.quant.modules import IntxLinear
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the native kernels are off")
+
+PATHS = {"scalar": 0, "avx2": 1, "avx512": 2}
+
+
+def _paths(group: int) -> list[int]:
+    return list(range(PATHS[kernels.dequant_path(group)] + 1))
+
+
+def _reference_bf16(m: IntxLinear) -> torch.Tensor:
+    return P.dequant_asym(m.codes(), m.scales, m.zeros, 4).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("group", [16, 32, 64, 128, 256])  # 16: the AVX2 path's smallest step
+@pytest.mark.parametrize("shape", [(3, 256), (130, 512), (67, 1536)])
+def test_dequant_int4_matches_the_torch_reference_bit_for_bit(group, shape):
+    g = torch.Generator().manual_seed(group + shape[0])
+    w = torch.randn(shape, generator=g) * torch.logspace(-4, 2, shape[0])[:, None]  # scales over 6 decades
+    w[0, :group] = 0.0  # a constant group
+    q, s, z = P.asym_per_group(w, 4, group)
+    s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
+    ref = P.dequant_asym(q, s, z, 4).to(torch.bfloat16)
+    for path in _paths(group):
+        out = kernels.dequant_int4_bf16(P.pack_bits(q, 4), s, z, group, path=path)
+        assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), f"path {path}"
+
+
+def test_dequant_int4_every_code_and_rounding_tie():
+    # every code 0..15 against bf16 scales/zeros whose products land between bf16 values (ties included)
+    n, k, group = 64, 512, 32
+    codes = torch.arange(n * k).remainder(16).reshape(n, k).to(torch.uint8)
+    g = torch.Generator().manual_seed(1)
+    s = (torch.rand(n, k // group, generator=g) * 3 + 1e-3).to(torch.bfloat16)
+    z = (torch.randn(n, k // group, generator=g) * 5).to(torch.bfloat16)
+    s[0, 0], z[0, 0] = 1.0 + 2 ** -7, 2 ** -8  # (q - 8) * s + z halfway between bf16 neighbours for some q
+    m = IntxLinear(codes, s, z, 4, group, None)
+    ref = _reference_bf16(m)
+    for path in _paths(group):
+        out = kernels.dequant_int4_bf16(m.qweight, m.scales, m.zeros, group, path=path)
+        assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), f"path {path}"
+
+
+def test_dequant_int4_writes_into_a_reused_buffer_and_rejects_bad_input():
+    m = IntxLinear.from_weight(torch.randn(40, 128), None, IntxWeightOnlyConfig(4, 32))
+    buf = torch.full((40, 128), float("nan"), dtype=torch.bfloat16)
+    out = kernels.dequant_int4_bf16(m.qweight, m.scales, m.zeros, 32, out=buf)
+    assert out.data_ptr() == buf.data_ptr() and torch.equal(out, _reference_bf16(m))
+    with pytest.raises(ValueError):
+        kernels.dequant_int4_bf16(m.qweight, m.scales, m.zeros, 64)  # scales are per 32
+    with pytest.raises(ValueError):
+        kernels.dequant_int4_bf16(m.qweight, m.scales, m.zeros, 32, out=torch.empty(40, 64, dtype=torch.bfloat16))
+    with pytest.raises(TypeError):
+        kernels.dequant_int4_bf16(m.qweight, m.scales.float(), m.zeros, 32)
+
+
+def test_dequantizing_gemm_equals_a_bf16_gemm_on_the_reference_weights():
+    m = IntxLinear.from_weight(torch.randn(96, 256), torch.randn(96), IntxWeightOnlyConfig(4, 64))
+    x = torch.randn(2, 33, 256)
+    ref = torch.nn.functional.linear(x.bfloat16(), _reference_bf16(m), m.bias.bfloat16()).float()
+    out = DequantBF16Linear(m)(x)
+    assert out.dtype == x.dtype and torch.equal(out, ref)

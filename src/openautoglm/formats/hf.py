@@ -1,11 +1,15 @@
 """HF checkpoint directory reader: ``config.json`` plus one or more ``*.safetensors`` (with an index if sharded).
 
-Tensors are opened through ``safetensors.safe_open`` (mmap) and read one at a time as float32.
+Each tensor is read with ``readinto`` straight into a buffer of its own (no mmap held open): a tensor exists once
+in memory, owned, aligned by torch's allocator, with no file pages counted against the process for as long as
+the checkpoint lives (a safetensors mmap keeps every page read resident, ~the file's size on top of the model).
+Float tensors are returned as float32, integer codes (quantized artifacts) as stored.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -13,7 +17,48 @@ import torch
 from ..errors import CorruptModelError, InvalidModelError
 from .checkpoint import Checkpoint, TensorInfo
 
-_DTYPE_NAMES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "I16": 2}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "BOOL": torch.bool}
+_MAX_HEADER = 100 << 20
+
+
+def read_safetensors_header(fp: Path) -> tuple[int, dict, dict]:
+    """(offset of the data section, {name: entry}, metadata) of a safetensors file, checked against its size."""
+    size = fp.stat().st_size
+    try:
+        with open(fp, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, _MAX_HEADER):
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None) or {}
+        data_size = size - 8 - n
+        for k, e in header.items():
+            lo, hi = e["data_offsets"]
+            count = 1
+            for d in e["shape"]:
+                count *= int(d)
+            if e["dtype"] not in _DTYPES or not 0 <= lo <= hi <= data_size or hi - lo != count * _itemsize(e):
+                raise ValueError(f"tensor {k}: bad dtype, shape or offsets")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:
+        raise CorruptModelError(f"{fp} is corrupt or truncated ({e})") from None
+    return 8 + n, header, meta
+
+
+def _itemsize(entry: dict) -> int:
+    return torch.empty(0, dtype=_DTYPES[entry["dtype"]]).element_size()
+
+
+def read_safetensors_tensor(fp: Path, base: int, entry: dict) -> torch.Tensor:
+    lo, hi = entry["data_offsets"]
+    buf = torch.empty(hi - lo, dtype=torch.uint8)
+    with open(fp, "rb") as f:
+        f.seek(base + lo)
+        if hi > lo and f.readinto(buf.numpy()) != hi - lo:
+            raise CorruptModelError(f"{fp} is truncated")
+    return buf.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def read_json(p: Path) -> dict:
@@ -24,8 +69,6 @@ def read_json(p: Path) -> dict:
 
 
 def read_hf_dir(path: str | Path) -> Checkpoint:
-    from safetensors import safe_open
-
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -42,33 +85,22 @@ def read_hf_dir(path: str | Path) -> Checkpoint:
         raise InvalidModelError(f"{path} has no *.safetensors weights")
 
     infos: dict[str, TensorInfo] = {}
-    where: dict[str, str] = {}
-    handles = {}
+    where: dict[str, tuple[Path, int, dict]] = {}
     meta: dict = {}
     for fn in files:
         fp = path / fn
         if not fp.is_file():
             raise InvalidModelError(f"{path}: the index names {fn}, which is missing")
-        try:
-            h = safe_open(str(fp), framework="pt")
-        except Exception as e:
-            raise CorruptModelError(f"{fp} is corrupt or truncated ({e})") from None
-        handles[fn] = h
-        meta.update(h.metadata() or {})
-        for k in h.keys():
-            sl = h.get_slice(k)
-            dt = sl.get_dtype()
-            shape = tuple(sl.get_shape())
-            n = 1
-            for s in shape:
-                n *= s
-            infos[k] = TensorInfo(k, shape, dt, n * _DTYPE_NAMES.get(dt, 4))
-            where[k] = fn
+        base, entries, m = read_safetensors_header(fp)
+        meta.update(m)
+        for k, e in entries.items():
+            infos[k] = TensorInfo(k, tuple(e["shape"]), e["dtype"], e["data_offsets"][1] - e["data_offsets"][0])
+            where[k] = (fp, base, e)
 
     def load_raw(name: str) -> torch.Tensor:
         try:
-            return handles[where[name]].get_tensor(name)
-        except Exception as e:
+            return read_safetensors_tensor(*where[name])
+        except OSError as e:
             raise CorruptModelError(f"{path}: cannot read tensor {name} ({e})") from None
 
     def load(name: str) -> torch.Tensor:

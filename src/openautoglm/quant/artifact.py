@@ -84,7 +84,7 @@ def apply_quantized_structure(model: nn.Module, qinfo: dict, load) -> set[str]:
             if q.shape[1] * 8 != K * cfg.bits:
                 raise InvalidModelError(f"{prefix}.qweight has {q.shape[1]} bytes a row; {cfg.name} at K={K} "
                                         f"needs {K * cfg.bits // 8}")
-            mod = IntxLinear.from_packed(q.clone(), t["scales"], t["zeros"], cfg.bits, cfg.group_size, K, bias)
+            mod = IntxLinear.from_packed(q, t["scales"], t["zeros"], cfg.bits, cfg.group_size, K, bias)
         else:
             mod = from_qparams(cfg, t["qweight"].to(torch.int8), t["scales"], None, bias)
         install(model, name, mod)

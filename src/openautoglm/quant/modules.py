@@ -22,6 +22,14 @@ from torch import nn
 from . import primitives as P
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous at a 64-byte boundary, copied only if it is not (the int8 kernel crashes on misaligned
+    memory, e.g. a tensor inside an mmap)."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _bias(bias):
     return None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
@@ -45,8 +53,7 @@ class Int8Linear(_QuantLinear):
 
         self.config = Int8WeightOnlyConfig()
         self.out_features, self.in_features = qweight.shape
-        # a fresh, aligned copy: the int8 kernel crashes on misaligned memory (e.g. a safetensors mmap)
-        self.register_buffer("qweight", qweight.to(torch.int8).clone(memory_format=torch.contiguous_format))
+        self.register_buffer("qweight", _aligned(qweight.to(torch.int8)))
         self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # (N,), as the kernel takes them
         self.bias = _bias(bias)
 
@@ -134,8 +141,7 @@ class Int8DynActLinear(_QuantLinear):
 
         self.config = Int8DynActInt8WeightConfig()
         self.out_features, self.in_features = qweight.shape
-        # a fresh, aligned copy: the int8 kernel crashes on misaligned memory (e.g. a safetensors mmap)
-        self.register_buffer("qweight", qweight.to(torch.int8).clone(memory_format=torch.contiguous_format))
+        self.register_buffer("qweight", _aligned(qweight.to(torch.int8)))
         self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # (N,)
         self.bias = _bias(bias)
 

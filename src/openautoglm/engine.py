@@ -57,6 +57,17 @@ def resolve_level(optimize_level: str) -> str:
     return lvl
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them in its arenas after large frees, so a quantized
+    model would otherwise keep the float model's resident size). A no-op where libc has no ``malloc_trim``."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Engine:
     """A loaded model with its tokenizer, ready to generate.
 
@@ -149,6 +160,7 @@ class Engine:
             self.model, self.tokenizer, self.model_path, scheme, group_size=group_size, method=method,
             target_bits=target_bits, embeddings=embeddings, calib_text=calib_text, calib_tokens=calib_tokens,
             act_order=act_order, progress=self.progress)
+        _return_freed_memory()  # the float weights just freed
         return self.quant_result.plan
 
     @property

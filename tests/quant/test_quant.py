@@ -155,3 +155,14 @@ def test_quantized_model_tracks_float_model(tiny_engine_dir, cfg):
         lr, lq = torch.log_softmax(ref(ids), -1), torch.log_softmax(qm(ids), -1)
     kld = (lr.exp() * (lr - lq)).sum(-1).mean()
     assert kld < (0.01 if cfg.scheme == "int8" else 0.1), float(kld)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_in_row_chunks_equals_quantizing_at_once(monkeypatch, scheme):
+    # rows are quantized ROWS_PER_CHUNK at a time to bound the float temporaries of big tables
+    w = _w(n=1000, k=256, seed=3)
+    f = P.int8_per_channel if scheme == "int8" else (lambda x: P.asym_per_group(x, 4, 32))
+    whole = f(w)
+    monkeypatch.setattr(P, "ROWS_PER_CHUNK", 97)  # not a divisor of the rows: a short last chunk
+    chunked = f(w)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))

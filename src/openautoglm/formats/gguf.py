@@ -1,9 +1,10 @@
 """GGUF reader: metadata -> HF config dict, tensors -> float32 under HF names.
 
-Reads through ``gguf.GGUFReader`` (a numpy memmap, so tensors are read lazily), dequantizes with
-``gguf_quants``, maps names through ``names.py`` and undoes the q/k row permutation that llama.cpp's
-``convert_hf_to_gguf.py`` applies to Llama checkpoints for its interleaved RoPE kernel.
-"""
+Metadata and the tensor index come from ``gguf.GGUFReader``. Each tensor's bytes are read from the file into a
+buffer of its own when asked for (the reader's memmap is dropped after indexing, so no file pages stay resident
+for the checkpoint's lifetime), dequantized with ``gguf_quants``, named through ``names.py``, and the q/k row
+permutation that llama.cpp's ``convert_hf_to_gguf.py`` applies to Llama checkpoints for its interleaved RoPE
+kernel is undone."""
 
 from __future__ import annotations
 
@@ -131,18 +132,22 @@ def read_gguf(path: str | Path) -> Checkpoint:
         if n_el % block or t.data.nbytes != n_el // block * tsize:
             raise CorruptModelError(f"{path}: tensor {t.name} has {t.data.nbytes} bytes, expected {n_el // block * tsize}")
         infos[hf] = TensorInfo(hf, shape, qtype, int(t.data.nbytes))
-        by_hf[hf] = t
+        by_hf[hf] = (t.name, int(t.data_offset), int(t.data.nbytes))
 
     permute = cfg["model_type"] == "llama"
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
 
     def load(name: str) -> torch.Tensor:
-        t = by_hf[name]
+        gguf_name, offset, nbytes = by_hf[name]
         info = infos[name]
-        try:
-            raw = torch.from_numpy(np.array(t.data, copy=True).view(np.uint8))  # own the bytes (memmap is read-only)
-        except Exception as e:
-            raise CorruptModelError(f"{path}: cannot read tensor {t.name} ({e})") from None
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        try:  # read into a buffer of its own: no mmap outlives this reader, so no file pages stay resident
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(raw.numpy()) != nbytes:
+                    raise EOFError("short read")
+        except (OSError, EOFError) as e:
+            raise CorruptModelError(f"{path}: cannot read tensor {gguf_name} ({e})") from None
         w = dequantize(raw, info.storage, info.shape)
         if permute and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             w = unpermute_rope(w, heads)

@@ -15,11 +15,18 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
+ROWS_PER_CHUNK = 2048  # rows quantized at a time: the float temporaries of a 49152-row table stay ~10 MB
+
+
 def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> int8 codes (N, K) and float32 scales (N,), round to nearest, symmetric [-127, 127]."""
-    w = w.float()
-    s = _bf16((w.abs().amax(dim=1) / 127).clamp_min(1e-12))
-    q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    N = w.shape[0]
+    q, s = torch.empty(w.shape, dtype=torch.int8), torch.empty(N)
+    for r in range(0, N, ROWS_PER_CHUNK):  # rows are independent: chunks only bound the temporaries
+        c = w[r:r + ROWS_PER_CHUNK].float()
+        sc = _bf16((c.abs().amax(dim=1) / 127).clamp_min(1e-12))
+        q[r:r + ROWS_PER_CHUNK] = torch.round(c / sc[:, None]).clamp_(-127, 127)
+        s[r:r + ROWS_PER_CHUNK] = sc
     return q, s
 
 
@@ -35,10 +42,14 @@ def asym_per_group(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor
     N, K = w.shape
     if K % group:
         raise ValueError(f"K={K} is not a multiple of the group size {group}")
-    g = w.float().reshape(N, K // group, group)
-    s, z = asym_qparams(g, bits)
-    q = quantize_asym(g, s[..., None], z[..., None], bits).to(torch.uint8)
-    return q.reshape(N, K), s, z
+    q = torch.empty(N, K, dtype=torch.uint8)
+    s, z = torch.empty(N, K // group), torch.empty(N, K // group)
+    for r in range(0, N, ROWS_PER_CHUNK):  # rows are independent: chunks only bound the temporaries
+        g = w[r:r + ROWS_PER_CHUNK].float().reshape(-1, K // group, group)
+        sc, ze = asym_qparams(g, bits)
+        q[r:r + ROWS_PER_CHUNK] = quantize_asym(g, sc[..., None], ze[..., None], bits).reshape(-1, K)
+        s[r:r + ROWS_PER_CHUNK], z[r:r + ROWS_PER_CHUNK] = sc, ze
+    return q, s, z
 
 
 def asym_qparams(g: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

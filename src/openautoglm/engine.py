@@ -18,6 +18,7 @@ from .errors import DeviceNotAvailableError, InvalidParameterError, OptimizeLeve
 from .hub import DEFAULT_MODEL, resolve
 from .runtime.generate import Generation, GenerationResult
 from .runtime.sampler import SamplingParams
+from .sysmem import return_freed_memory
 
 #: Every optimize level, in order. See ``compile``.
 OPTIMIZE_LEVELS = ("O0", "O1", "O2", "O3")
@@ -55,17 +56,6 @@ def resolve_level(optimize_level: str) -> str:
     if lvl not in AVAILABLE_LEVELS:
         raise OptimizeLevelError(f"optimize level {lvl} is not built yet; available: {', '.join(AVAILABLE_LEVELS)}")
     return lvl
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them in its arenas after large frees, so a quantized
-    model would otherwise keep the float model's resident size). A no-op where libc has no ``malloc_trim``."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Engine:
@@ -160,7 +150,7 @@ class Engine:
             self.model, self.tokenizer, self.model_path, scheme, group_size=group_size, method=method,
             target_bits=target_bits, embeddings=embeddings, calib_text=calib_text, calib_tokens=calib_tokens,
             act_order=act_order, progress=self.progress)
-        _return_freed_memory()  # the float weights just freed
+        return_freed_memory()  # the float weights just freed
         return self.quant_result.plan
 
     @property

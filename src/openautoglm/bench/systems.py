@@ -36,7 +36,7 @@ class Timing:
 class Ours:
     name = "openautoglm"
 
-    def __init__(self, model: str, config: str, threads: int):
+    def __init__(self, model: str, config: str, threads: int, n_ctx: int):
         import torch
 
         from ..engine import AVAILABLE_LEVELS, OPTIMIZE_LEVELS
@@ -69,7 +69,11 @@ class Ours:
             self.engine.quantize(quant[0], group_size=quant[1])
         if scheme == "bf16":
             self.engine.model.to(torch.bfloat16)
-        self.engine.compile(level)
+        # the context every system gets (llama.cpp's n_ctx), rounded up to the compiler's length bucket: the KV
+        # cache is sized for it, as llama.cpp's is
+        from ..compiler import LEN_BUCKET
+
+        self.engine.compile(level, max_len=-(-n_ctx // LEN_BUCKET) * LEN_BUCKET)
         self.tokenizer = self.engine.tokenizer
 
     def weight_bytes(self) -> int:

@@ -37,11 +37,11 @@ def main(spec_path: str, out_path: str) -> int:
 
     system, config, threads = spec["system"], spec["config"], spec["threads"]
     out = {"system": system, "config": config, "results": []}
+    n_ctx = max(int(k) for k in spec["prompts"]) + spec["gen_tokens"] + 16  # the context each system is given
     try:
         if system == "openautoglm":
-            sysobj = Ours(spec["model"], config, threads)
+            sysobj = Ours(spec["model"], config, threads, n_ctx)
         elif system == "llama.cpp":
-            n_ctx = max(int(k) for k in spec["prompts"]) + spec["gen_tokens"] + 16
             sysobj = LlamaCpp(spec["model"], config, threads, n_ctx)
         elif system == "transformers":
             sysobj = Transformers(spec["model"], config, threads)

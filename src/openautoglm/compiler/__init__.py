@@ -11,7 +11,8 @@
 - O3: O2 plus the kernel selector (``autotune.py``): per linear shape, format and token-count bucket the
   candidate kernels this CPU offers are timed, the fastest within the quality budget is kept, and choices
   are cached on disk keyed by shape, format, device, CPU flags, torch version and threads; the thread count
-  is tuned too.
+  is tuned too. Candidates include our own native kernel (``openautoglm.kernels``): int4 prefill runs as a bf16
+  GEMM (AMX where present) on weights dequantized per call, keeping no bf16 copy.
 
 Each pass lives in ``passes/`` (one per file), rewrites a model in place, and has an equivalence test.
 """

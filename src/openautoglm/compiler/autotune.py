@@ -231,11 +231,18 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
     budget = weight_bytes(model) if memory_budget is None else memory_budget
     buckets = {"decode": max_batch, "prefill": prefill_tokens}
     layers = list(_linears(model))
-    timings = {}  # (fmt, N, K, bucket) -> {impl: seconds or None when over the quality budget}
+
+    def rows(name: str, bucket: str) -> int:
+        # the head only ever sees the rows whose logits are asked for (the last position of each sequence), so
+        # prefill's token count would time it at a size it never runs at (and buy a bf16 copy it never uses)
+        return max_batch if name == "lm_head" else buckets[bucket]
+
+    timings = {}  # (fmt, N, K, bucket, rows) -> {impl: seconds or None when over the quality budget}
     with Progress("autotuning kernels", total=len(layers), unit=" linears", enabled=progress) as pb:
-        for _, mod in layers:
-            for bucket, m in buckets.items():
-                k = (_fmt(mod), mod.out_features, mod.in_features, bucket)
+        for name, mod in layers:
+            for bucket in buckets:
+                m = rows(name, bucket)
+                k = (_fmt(mod), mod.out_features, mod.in_features, bucket, m)
                 ck = (f"{k[0]}|{k[1]}x{k[2]}|{bucket}:{m}|{base}|threads:{threads}"
                       f"|impls:{','.join(sorted(implementations(mod)))}")
                 if k in timings:
@@ -260,7 +267,7 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
     for name, mod in layers:
         impls = implementations(mod)
         for bucket in buckets:
-            res = timings[(_fmt(mod), mod.out_features, mod.in_features, bucket)]
+            res = timings[(_fmt(mod), mod.out_features, mod.in_features, bucket, rows(name, bucket))]
             ok = {n: t for n, t in res.items() if t is not None and n in impls}
             best = min(ok, key=ok.get)
             free = min(t for n, t in ok.items() if impls[n][1] == 0)
@@ -281,7 +288,7 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
         impls = implementations(mod)
         chosen, fns = [], {}
         for bucket in buckets:
-            res = timings[(_fmt(mod), mod.out_features, mod.in_features, bucket)]
+            res = timings[(_fmt(mod), mod.out_features, mod.in_features, bucket, rows(name, bucket))]
             ok = {n: t for n, t in res.items() if t is not None and n in impls and impls[n][1] == 0}
             pick = granted.get((name, bucket)) or min(ok, key=ok.get)
             if pick not in fns:

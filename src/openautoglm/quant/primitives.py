@@ -100,6 +100,8 @@ def unpack_bits(p: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     N = p.shape[0]
     mask = (1 << bits) - 1
     per = 8 // bits if 8 % bits == 0 else None
+    if bits == 4:  # the hot case (packing int4 layers at every load): byte ops only, no int32 temporaries
+        return torch.stack([p & 15, p >> 4], -1).reshape(N, K)
     if per:
         shifts = torch.arange(per, dtype=torch.int32) * bits
         return ((p.to(torch.int32)[..., None] >> shifts) & mask).reshape(N, K).to(torch.uint8)

@@ -254,11 +254,11 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
                 with torch.inference_mode():
                     ref = _reference(mod, x)
                 res = {}
-                for name, (make, _) in implementations(mod).items():
-                    f = _named(make(mod), name)
+                for impl, (make, _) in implementations(mod).items():
+                    f = _named(make(mod), impl)
                     with torch.inference_mode():
                         err = float((f(x).float() - ref).norm() / ref.norm().clamp_min(1e-30))
-                    res[name] = _time(f, x) if err <= QUALITY_BUDGET else None
+                    res[impl] = _time(f, x) if err <= QUALITY_BUDGET else None
                 timings[k] = cache[ck] = res
             pb.update()
     # the fastest eligible implementation per layer and bucket; a memory-costly one only when it beats the best

@@ -53,3 +53,21 @@ def test_eval_cli_json(tiny_engine_dir, tmp_path):
     # bits per weight on disk (the fp32 checkpoint); in memory the bf16 run holds half of that
     assert r["tokens"] == 126 and r["bits_per_weight"] == 32.0
     assert r["runtime_weight_bytes"] * 2 == r["weight_bytes"]
+
+
+def test_eval_at_o1_scores_the_rewritten_model_like_o0(tiny_engine_dir, tmp_path):
+    # O1's passes (fusions, RMSNorm folding) are exact up to float rounding: the O1 candidate against the O0
+    # reference is nearly KLD-free, and the engine that was scored really is the compiled one
+    import pytest
+
+    from openautoglm.bench.quality import run_eval
+    from openautoglm.errors import OptimizeLevelError
+
+    f = tmp_path / "t.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 30)
+    r = run_eval(str(tiny_engine_dir), text_file=str(f), n_tokens=128, ctx=64, progress=False, opt="O1")
+    assert r.model.endswith(" O1")
+    assert 0 <= r.kld_mean < 1e-6 and r.top1_agreement == 1.0
+    assert abs(r.ppl - r.ppl_reference) / r.ppl_reference < 1e-4
+    with pytest.raises(OptimizeLevelError):
+        run_eval(str(tiny_engine_dir), text_file=str(f), n_tokens=128, ctx=64, progress=False, opt="O9")

@@ -150,11 +150,15 @@ def quantized_source(model: str) -> str | None:
 
 
 def run_eval(model: str, reference: str | None = None, text_file: str | None = None, n_tokens: int = 2048,
-             ctx: int = 512, dtype: str = "fp32", peer: str | None = None, progress: bool = True) -> EvalResult:
+             ctx: int = 512, dtype: str = "fp32", peer: str | None = None, progress: bool = True,
+             opt: str = "O0") -> EvalResult:
+    """``opt``: the optimize level the candidate is compiled at (its passes and O3's kernel choices then score
+    every window, as a prefill runs them); the reference is always O0 fp32."""
     from ..data import evaluation_text
-    from ..engine import Engine
+    from ..engine import Engine, resolve_level
     from ..errors import ModelNotFoundError
 
+    opt = resolve_level(opt)
     if n_tokens < ctx:
         raise InvalidParameterError(f"--tokens ({n_tokens}) must be at least --ctx ({ctx})")
     if reference is None and peer is None:
@@ -176,8 +180,11 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
         cand = LlamaCppScorer(ref_engine.model_path if reference is None else model, ctx)
     elif peer:
         raise InvalidParameterError(f"unknown peer {peer!r} (eval supports llama.cpp)")
-    elif reference is None and dtype == "fp32":
+    elif reference is None and dtype == "fp32" and opt == "O0":
         cand = reference_scorer  # the model is its own reference
     else:
         cand = OursScorer(Engine(model=model, progress=progress), dtype)
+        if opt != "O0":
+            cand.engine.compile(opt, max_len=ctx)
+            cand.label += f" {cand.engine.optimize_level}"
     return evaluate(cand, reference_scorer, tokens, n_tokens, ctx, n_weights, progress)

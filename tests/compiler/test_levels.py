@@ -69,12 +69,23 @@ def test_memory_plan_is_reported_and_the_cache_reused(tiny_engine_dir, oag_cache
     plan = e.info()["compile"]["memory_plan"]
     cache = e.compiled.cache
     assert plan["kv_cache_bytes"] == cache.nbytes > 0 and plan["max_batch"] == 2 and plan["max_len"] == 256
+    assert plan["pack_bytes"] == 0  # a float model builds no kernel packs
     assert plan["total_bytes"] == plan["weight_bytes"] + plan["kv_cache_bytes"] + plan["activation_bytes"]
     ptrs = [t.data_ptr() for t in cache.k]
     g = e.new_generation([[1, 2, 3]], e._params(max_tokens=5))
     for _ in g:
         pass
     assert g.cache is cache and [t.data_ptr() for t in cache.k] == ptrs
+
+
+def test_memory_plan_counts_the_int4_packs_the_layers_build(tiny_engine_dir, oag_cache):
+    e = _engine(tiny_engine_dir, "int4-g32", "O1")
+    plan = e.info()["compile"]["memory_plan"]
+    e.generate("hello", max_tokens=2)  # O1 packs each int4 layer at its first call
+    packs = [(m.packed, m.packed_sz) for m in e.model.modules() if getattr(m, "packed", None) is not None]
+    assert packs and plan["pack_bytes"] == sum(p.nbytes + sz.nbytes for p, sz in packs)
+    assert plan["total_bytes"] == (plan["weight_bytes"] + plan["pack_bytes"] + plan["kv_cache_bytes"]
+                                   + plan["activation_bytes"])
 
 
 def test_nothing_compiles_after_warm_up(tiny_engine_dir, tmp_path, monkeypatch):

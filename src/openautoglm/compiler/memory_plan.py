@@ -3,6 +3,8 @@
 - weights: the tensors as held (quantized codes and qparams, float layers), tied tensors once;
 - KV cache: ``layers x 2 x batch x kv_heads x max_len x head_dim`` in the cache dtype, allocated once at compile
   time and reused by every generation that fits (``KVCache`` rows are selected, not reallocated);
+- kernel packs: the CPU-specific int4 layouts (``_convert_weight_to_int4pack_for_cpu``) built at load beside the
+  portable codes (which O3's prefill dequantizes from), one byte per two weights plus bf16 scales and zeros;
 - activations: the peak live set of one forward step at the planned shapes (the largest prefill chunk, or a
   decode step of the whole batch), from the layer shapes: the residual stream, the fused q/k/v, attention
   output, the fused gate/up and its product, and the logits rows. At O2 inductor lays these buffers out
@@ -24,10 +26,11 @@ class MemoryPlan:
     weight_bytes: int
     kv_cache_bytes: int
     activation_bytes: int
+    pack_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
+        return self.weight_bytes + self.pack_bytes + self.kv_cache_bytes + self.activation_bytes
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
@@ -51,6 +54,16 @@ def weight_bytes(model) -> int:
     return sum(weight_bytes_by_dtype(model).values())
 
 
+def pack_bytes(model) -> int:
+    """Bytes of the int4 CPU packs the quantized layers build: (N, K/2) codes and (K/g, N, 2) bf16 qparams."""
+    total = 0
+    for m in model.modules():
+        if hasattr(m, "_pack") and hasattr(m, "group_size"):
+            n, k = m.out_features, m.in_features
+            total += n * k // 2 + (k // m.group_size) * n * 2 * 2
+    return total
+
+
 def activation_bytes(cfg, tokens: int, rows_with_logits: int, dtype_bytes: int) -> int:
     """Peak live activations of one step over ``tokens`` tokens (two residual copies, the widest projection,
     the attention output) plus the float32 logits of ``rows_with_logits`` rows."""
@@ -65,4 +78,4 @@ def plan(model, max_batch: int, max_len: int, prefill_tokens: int, dtype=torch.f
     dt = torch.empty(0, dtype=dtype).element_size()
     kv = cfg.num_hidden_layers * 2 * max_batch * cfg.num_key_value_heads * max_len * cfg.head_dim * dt
     act = max(activation_bytes(cfg, prefill_tokens, max_batch, dt), activation_bytes(cfg, max_batch, max_batch, dt))
-    return MemoryPlan(max_batch, max_len, prefill_tokens, weight_bytes(model), kv, act)
+    return MemoryPlan(max_batch, max_len, prefill_tokens, weight_bytes(model), kv, act, pack_bytes(model))

@@ -13,6 +13,22 @@ from typing import Callable
 import torch
 
 
+def read_owned(path: Path, offset: int, nbytes: int, what: str) -> torch.Tensor:
+    """``nbytes`` bytes of ``path`` from ``offset``, read into a uint8 tensor of their own (no mmap, so no file
+    pages stay resident once read; aligned by torch's allocator). CorruptModelError naming ``what`` when short."""
+    from ..errors import CorruptModelError
+
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if nbytes and f.readinto(buf.numpy()) != nbytes:
+                raise EOFError("short read")
+    except (OSError, EOFError) as e:
+        raise CorruptModelError(f"{path}: cannot read {what} ({e}); the file is corrupt or truncated") from None
+    return buf
+
+
 @dataclass
 class TensorInfo:
     """Where a tensor comes from: its storage type (``F32``, ``BF16``, ``Q4_1``...), shape and bytes on disk."""

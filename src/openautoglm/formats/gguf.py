@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import CorruptModelError, UnsupportedArchitectureError, UnsupportedQuantTypeError
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import Checkpoint, TensorInfo, read_owned
 from .gguf_quants import BLOCK_SIZES, SUPPORTED_TYPES, dequantize
 from .names import ARCH_TO_MODEL_TYPE, gguf_to_hf
 
@@ -140,14 +140,7 @@ def read_gguf(path: str | Path) -> Checkpoint:
     def load(name: str) -> torch.Tensor:
         gguf_name, offset, nbytes = by_hf[name]
         info = infos[name]
-        raw = torch.empty(nbytes, dtype=torch.uint8)
-        try:  # read into a buffer of its own: no mmap outlives this reader, so no file pages stay resident
-            with open(path, "rb") as f:
-                f.seek(offset)
-                if f.readinto(raw.numpy()) != nbytes:
-                    raise EOFError("short read")
-        except (OSError, EOFError) as e:
-            raise CorruptModelError(f"{path}: cannot read tensor {gguf_name} ({e})") from None
+        raw = read_owned(path, offset, nbytes, f"tensor {gguf_name}")  # no mmap outlives this reader
         w = dequantize(raw, info.storage, info.shape)
         if permute and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             w = unpermute_rope(w, heads)

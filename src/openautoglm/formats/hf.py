@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptModelError, InvalidModelError
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import Checkpoint, TensorInfo, read_owned
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
@@ -40,25 +40,17 @@ def read_safetensors_header(fp: Path) -> tuple[int, dict, dict]:
             count = 1
             for d in e["shape"]:
                 count *= int(d)
-            if e["dtype"] not in _DTYPES or not 0 <= lo <= hi <= data_size or hi - lo != count * _itemsize(e):
+            dt = _DTYPES.get(e["dtype"])
+            if dt is None or not 0 <= lo <= hi <= data_size or hi - lo != count * dt.itemsize:
                 raise ValueError(f"tensor {k}: bad dtype, shape or offsets")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:
         raise CorruptModelError(f"{fp} is corrupt or truncated ({e})") from None
     return 8 + n, header, meta
 
 
-def _itemsize(entry: dict) -> int:
-    return torch.empty(0, dtype=_DTYPES[entry["dtype"]]).element_size()
-
-
-def read_safetensors_tensor(fp: Path, base: int, entry: dict) -> torch.Tensor:
+def read_safetensors_tensor(fp: Path, base: int, entry: dict, name: str = "a tensor") -> torch.Tensor:
     lo, hi = entry["data_offsets"]
-    buf = torch.empty(hi - lo, dtype=torch.uint8)
-    with open(fp, "rb") as f:
-        f.seek(base + lo)
-        if hi > lo and f.readinto(buf.numpy()) != hi - lo:
-            raise CorruptModelError(f"{fp} is truncated")
-    return buf.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return read_owned(fp, base + lo, hi - lo, name).view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def read_json(p: Path) -> dict:
@@ -98,10 +90,7 @@ def read_hf_dir(path: str | Path) -> Checkpoint:
             where[k] = (fp, base, e)
 
     def load_raw(name: str) -> torch.Tensor:
-        try:
-            return read_safetensors_tensor(*where[name])
-        except OSError as e:
-            raise CorruptModelError(f"{path}: cannot read tensor {name} ({e})") from None
+        return read_safetensors_tensor(*where[name], name=f"tensor {name}")
 
     def load(name: str) -> torch.Tensor:
         t = load_raw(name)

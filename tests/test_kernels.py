@@ -70,3 +70,60 @@ def test_dequantizing_gemm_equals_a_bf16_gemm_on_the_reference_weights():
     ref = torch.nn.functional.linear(x.bfloat16(), _reference_bf16(m), m.bias.bfloat16()).float()
     out = DequantBF16Linear(m)(x)
     assert out.dtype == x.dtype and torch.equal(out, ref)
+
+
+# --- decode GEMV operators (kernels/gemv.cpp) against the dequantize-then-matmul reference ---
+
+def _ops():
+    if not kernels.load_ops():
+        pytest.skip("no C++ compiler: the GEMV operators are off")
+
+
+def _close_to_bf16_rounding(out: torch.Tensor, ref: torch.Tensor):
+    # fp32 accumulation, then one rounding to bf16: within a bf16 half-ulp of the exact result, plus the fp32 sum's
+    # own error (orders of magnitude smaller, bounded here by the sum of |terms|)
+    err = (out.double() - ref).abs()
+    assert out.dtype == torch.bfloat16
+    assert bool((err <= ref.abs() * 2 ** -8 + 1e-5 * ref.abs().max()).all()), float(err.max())
+
+
+@pytest.mark.parametrize("group,shape", [(16, (37, 576)), (32, (37, 576)), (64, (130, 576)), (32, (130, 1536)),
+                                         (128, (37, 1536)), (256, (130, 1536))])  # 16: the scalar path only
+@pytest.mark.parametrize("rows", [1, 3])  # 37, 130 rows: not a multiple of the 4-row step
+def test_int4_gemv_matches_the_dequantized_reference(group, shape, rows):
+    _ops()
+    g = torch.Generator().manual_seed(group + shape[0] + rows)
+    w = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[0])[:, None]
+    q, s, z = P.asym_per_group(w, 4, group)
+    s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
+    x = (torch.randn(rows, shape[1], generator=g) * 3).to(torch.bfloat16)
+    x[:, ::97] *= 20  # outlier channels
+    ref = x.double() @ P.dequant_asym(q, s, z, 4).double().t()
+    best = {"scalar": 0, "avx512": 1}[kernels.gemv_path("int4", group)]
+    for path in range(best + 1):
+        _close_to_bf16_rounding(kernels.int4_gemv(x, P.pack_bits(q, 4), s, z, group, path=path), ref)
+
+
+@pytest.mark.parametrize("shape", [(37, 576), (1029, 1536), (5, 24)])  # K=24: not a multiple of 16, scalar
+def test_int8_gemv_matches_the_dequantized_reference(shape):
+    _ops()
+    from openautoglm.quant.modules import Int8Linear
+
+    g = torch.Generator().manual_seed(shape[0])
+    m = Int8Linear(*P.int8_per_channel(torch.randn(shape, generator=g)), None)
+    x = torch.randn(2, shape[1], generator=g).to(torch.bfloat16)
+    ref = x.double() @ m.dequantized().double().t()
+    best = {"scalar": 0, "avx512": 1}[kernels.gemv_path("int8", shape[1])]
+    for path in range(best + 1):
+        _close_to_bf16_rounding(kernels.int8_gemv(x, m.qweight, m.scales, path=path), ref)
+
+
+def test_gemv_rejects_bad_input():
+    _ops()
+    m = IntxLinear.from_weight(torch.randn(8, 64), None, IntxWeightOnlyConfig(4, 32))
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernels.int4_gemv(torch.randn(1, 64), m.qweight, m.scales, m.zeros, 32)
+    with pytest.raises(RuntimeError, match="x must be"):
+        kernels.int4_gemv(torch.randn(1, 32).bfloat16(), m.qweight, m.scales, m.zeros, 32)
+    with pytest.raises(RuntimeError, match="group size"):
+        kernels.int4_gemv(torch.randn(1, 64).bfloat16(), m.qweight, m.scales, m.zeros, 48)

@@ -14,18 +14,25 @@ PROMPTS = ("Hello there", "def f(x):", "東京 😀")
 TOL = {"O1": 1e-4, "O2": 1e-3, "O3": 5e-2}
 
 
-@pytest.mark.parametrize("prefer", ["native", "bf16", "w8a8"])
+@pytest.mark.parametrize("prefer", ["native", "bf16", "w8a8", "gemv"])
 def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch, prefer):
     # force the selector's hand (timings rigged so `prefer` wins wherever it is eligible): every choice it can
     # make must keep O0's greedy tokens
     from openautoglm.compiler import autotune
 
-    monkeypatch.setattr(autotune, "_time", lambda f, x, reps=5: 0.0 if getattr(f, "impl", "") == prefer else 1.0)
+    # (with `gemv`, decode-only, prefill gets the dequantizing GEMM: no int4 layer then runs torch's int4 kernel)
+    second = "bf16-dq" if prefer == "gemv" else None
+    monkeypatch.setattr(autotune, "_time", lambda f, x, reps=5: {prefer: 0.0, second: 0.5}.get(getattr(f, "impl", ""), 1.0))
     monkeypatch.setattr(autotune, "cache_file", lambda: oag_cache / f"autotune-{prefer}.json")
     scheme = "int8" if prefer == "w8a8" else "int4-g32"
     e0, e1 = _engine(tiny_engine_dir, scheme), _engine(tiny_engine_dir, scheme, "O3")
     picked = {c for v in e1.info()["compile"]["autotune"]["choices"].values() for c in v}
     assert prefer in picked
+    if prefer == "gemv":  # and so builds no CPU pack, and the plan counts none
+        assert {"native"}.isdisjoint(c for k, v in e1.info()["compile"]["autotune"]["choices"].items()
+                                     if k.startswith("int4") for c in v)
+        assert e1.info()["compile"]["memory_plan"]["pack_bytes"] == 0
+        assert all(getattr(m, "packed", None) is None for m in e1.model.modules())
     for p in PROMPTS:
         assert e0.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids == \
             e1.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids

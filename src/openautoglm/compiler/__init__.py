@@ -11,14 +11,16 @@
 - O3: O2 plus the kernel selector (``autotune.py``): per linear shape, format and token-count bucket the
   candidate kernels this CPU offers are timed, the fastest within the quality budget is kept, and choices
   are cached on disk keyed by shape, format, device, CPU flags, torch version and threads; the thread count
-  is tuned too. Candidates include our own native kernel (``openautoglm.kernels``): int4 prefill runs as a bf16
-  GEMM (AMX where present) on weights dequantized per call, keeping no bf16 copy.
+  is tuned too. Candidates include our own native kernels (``openautoglm.kernels``): int4 prefill runs as a bf16
+  GEMM (AMX where present) on weights dequantized per call, keeping no bf16 copy; decode can run our int4/int8
+  GEMV operators, which the AOTInductor packages call.
 
 Each pass lives in ``passes/`` (one per file), rewrites a model in place, and has an equivalence test.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import time
@@ -86,6 +88,8 @@ def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = N
             from .autotune import tune_model
 
             autotune = tune_model(model, max_batch=max_batch, prefill_tokens=plan.prefill_tokens, progress=progress)
+            # layers whose choices all read the portable codes build no CPU pack
+            plan = out.plan = dataclasses.replace(plan, pack_bytes=memory_plan.pack_bytes(model))
         out.runner = CompiledLM(model, cache, cache_dir=cache_root() / "aoti")
         out.len_bucket = LEN_BUCKET
         out.autotune = autotune

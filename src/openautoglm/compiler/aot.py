@@ -67,8 +67,10 @@ def package_key(model: nn.Module, cache_shape: tuple, static_len: int) -> str:
     from .autotune import cpu_key
 
     h = hashlib.sha256()
+    from .. import kernels
+
     h.update(json.dumps([repr(model), repr(model.config), list(cache_shape), static_len, str(activation_dtype(model)),
-                         _sources_digest(), cpu_key(), torch.__version__]).encode())
+                         _sources_digest(), kernels.ops_digest(), cpu_key(), torch.__version__]).encode())
     return h.hexdigest()[:24]
 
 
@@ -107,6 +109,9 @@ class CompiledStep:
         self._weights = self._step.weights()
         # the C++ loader itself (what torch._inductor.aoti_load_package wraps): serving needs neither inductor's
         # nor Dynamo's Python modules, which cost seconds to import and ~100 MB of memory
+        from .. import kernels
+
+        kernels.load_ops()  # a package may call our operators: they must be registered before it loads
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         self._run = loader.boxed_run
 

@@ -7,7 +7,11 @@ planned batch; prefill: the planned chunk) it times the implementations this CPU
   within a memory budget, best time saved per byte first;
 - ``bf16-dq``: for int4 layers, a bf16 GEMM on weights dequantized at each call by the native kernel
   (``kernels/``) into a reused buffer: prefill's choice, costing no memory;
-- ``w8a8``: for int8 weight-only layers, int8 activations per token and ``torch._int_mm``.
+- ``w8a8``: for int8 weight-only layers, int8 activations per token and ``torch._int_mm``;
+- ``gemv``: for int4 and int8 weight-only layers at decode's few rows, our weight-only GEMV operators
+  (``kernels/gemv.cpp``: the portable codes streamed once, fp32 accumulation), which AOTInductor's decode step
+  calls through the dispatcher. Int4 layers that never run their native kernel (``gemv`` at decode,
+  ``bf16-dq`` at prefill) build no CPU pack at all.
 
 A candidate is eligible only if its output stays within the quality budget: relative error against the
 layer's dequantize-then-matmul reference at most ``QUALITY_BUDGET`` (the bf16-activation level every
@@ -38,6 +42,7 @@ QUALITY_BUDGET = 1e-2
 # is within 5-25% of the copy here, so no copy is kept)
 COPY_MIN_GAIN = 0.25
 DECODE_MAX = 16  # token counts up to this use the decode choice
+DECODE_ONLY = ("gemv",)
 
 
 def cpu_key() -> str:
@@ -135,6 +140,28 @@ class DequantBF16Linear(nn.Module):
         return nn.functional.linear(x.to(torch.bfloat16), self.weight(), self.bias).to(x.dtype)
 
 
+class GemvLinear(nn.Module):
+    """Decode's weight-only GEMV (``kernels.int4_gemv`` / ``int8_gemv``) on the layer's own portable weights. The
+    source layer is held outside the module tree, as in ``DequantBF16Linear``."""
+
+    def __init__(self, mod: nn.Module):
+        super().__init__()
+        self._src = (mod,)
+        b = None if mod.bias is None else mod.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", b, persistent=False)
+
+    def forward(self, x):
+        m = self._src[0]
+        x2 = x.reshape(-1, m.in_features).to(torch.bfloat16).contiguous()
+        if hasattr(m, "group_size"):
+            y = torch.ops.openautoglm.int4_gemv(x2, m.qweight, m.scales, m.zeros, m.group_size)
+        else:
+            y = torch.ops.openautoglm.int8_gemv(x2, m.qweight, m.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], m.out_features).to(x.dtype)
+
+
 def implementations(mod) -> dict:
     """name -> (make(mod) -> module with the layer's call signature, extra bytes it holds)."""
     out = {"native": (lambda m: m, 0)}
@@ -145,6 +172,13 @@ def implementations(mod) -> dict:
 
         if kernels.available():
             out["bf16-dq"] = (DequantBF16Linear, 0)
+        if kernels.load_ops():
+            out["gemv"] = (GemvLinear, 0)
+    if type(mod).__name__ == "Int8Linear":
+        from .. import kernels
+
+        if kernels.load_ops():
+            out["gemv"] = (GemvLinear, 0)
     if type(mod).__name__ == "Int8Linear":
         from ..quant.modules import Int8DynActLinear
 
@@ -255,6 +289,9 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
                     ref = _reference(mod, x)
                 res = {}
                 for impl, (make, _) in implementations(mod).items():
+                    if impl in DECODE_ONLY and m > DECODE_MAX:
+                        res[impl] = None  # re-streams the weights for every row: not a candidate for prefill
+                        continue
                     f = _named(make(mod), impl)
                     with torch.inference_mode():
                         err = float((f(x).float() - ref).norm() / ref.norm().clamp_min(1e-30))

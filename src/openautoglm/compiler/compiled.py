@@ -19,12 +19,21 @@ from . import aot
 
 
 def prepare_kernels(model: nn.Module) -> None:
-    """Build the CPU-specific weight packs now (not lazily inside the compiled region). Freed temporaries are
+    """Build the CPU-specific weight packs now (not lazily inside the compiled region), for the layers that run
+    torch's int4 kernel; drop those that autotuning built for layers that never will. Freed temporaries are
     handed back after each layer: glibc otherwise keeps them, ~150 MB at peak for SmolLM2."""
     from ..sysmem import return_freed_memory
+    from .memory_plan import packing_layers
 
+    users = {id(m) for m in packing_layers(model)}
     for m in model.modules():
-        if hasattr(m, "_pack") and m.packed is None:
+        if not hasattr(m, "_pack"):
+            continue
+        if id(m) not in users:
+            if m.packed is not None:
+                m.packed = m.packed_sz = None
+                return_freed_memory()
+        elif m.packed is None:
             m._pack()
             return_freed_memory()
 

@@ -4,7 +4,8 @@
 - KV cache: ``layers x 2 x batch x kv_heads x max_len x head_dim`` in the cache dtype, allocated once at compile
   time and reused by every generation that fits (``KVCache`` rows are selected, not reallocated);
 - kernel packs: the CPU-specific int4 layouts (``_convert_weight_to_int4pack_for_cpu``) built at load beside the
-  portable codes (which O3's prefill dequantizes from), one byte per two weights plus bf16 scales and zeros;
+  portable codes, one byte per two weights plus bf16 scales and zeros, for the layers that run torch's int4
+  kernel (at O3 a layer whose decode and prefill choices both read the portable codes builds none);
 - activations: the peak live set of one forward step at the planned shapes (the largest prefill chunk, or a
   decode step of the whole batch), from the layer shapes: the residual stream, the fused q/k/v, attention
   output, the fused gate/up and its product, and the logits rows. At O2 inductor lays these buffers out
@@ -54,11 +55,20 @@ def weight_bytes(model) -> int:
     return sum(weight_bytes_by_dtype(model).values())
 
 
+def packing_layers(model):
+    """The int4 layers that build a CPU pack: those that may run their native kernel (not those an O3 choice
+    replaced in both buckets)."""
+    from .autotune import TunedLinear
+
+    skip = {id(t.impls["native"]) for t in model.modules() if isinstance(t, TunedLinear) and "native" not in t.names}
+    return [m for m in model.modules() if hasattr(m, "_pack") and id(m) not in skip]
+
+
 def pack_bytes(model) -> int:
     """Bytes of the int4 CPU packs the quantized layers build: (N, K/2) codes and (K/g, N, 2) bf16 qparams."""
     total = 0
-    for m in model.modules():
-        if hasattr(m, "_pack") and hasattr(m, "group_size"):
+    for m in packing_layers(model):
+        if hasattr(m, "group_size"):
             n, k = m.out_features, m.in_features
             total += n * k // 2 + (k // m.group_size) * n * 2 * 2
     return total

@@ -100,3 +100,91 @@ def dequant_int4_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     lib.oag_dequant_int4_bf16(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), 0, n, k,
                               group_size, path)
     return out
+
+
+# --- torch operators (gemv.cpp): weight-only GEMVs for decode, callable from AOTInductor's compiled step ---
+
+_OPS_SRC = Path(__file__).with_name("gemv.cpp")
+
+
+def _cxx() -> str | None:
+    for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _ops_flags() -> list[str]:
+    # torch's own headers and libraries (the paths torch.utils.cpp_extension would give; importing it costs ~0.2 s
+    # at every start, and no build system is needed for one file)
+    root = os.path.dirname(os.path.abspath(torch.__file__))
+    inc, lib = os.path.join(root, "include"), os.path.join(root, "lib")
+    abi = int(torch.compiled_with_cxx11_abi())
+    return ["-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
+            f"-I{inc}", f"-I{os.path.join(inc, 'torch', 'csrc', 'api', 'include')}", f"-L{lib}", f"-Wl,-rpath,{lib}",
+            "-lc10", "-ltorch_cpu"]
+
+
+def ops_digest() -> str:
+    """What the operators' machine code depends on (part of the AOTInductor package key: packages call them)."""
+    return hashlib.sha256(_OPS_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def load_ops() -> bool:
+    """Build (once per machine, ~15 s, into the cache) and load the ``openautoglm::`` operators. False where no
+    C++ compiler works; callers then keep torch's kernels."""
+    cxx = _cxx()
+    if cxx is None:
+        return False
+    from ..compiler import cache_root
+
+    flags = _ops_flags()
+    key = hashlib.sha256(_OPS_SRC.read_bytes() + cxx.encode() + " ".join(flags).encode()
+                         + torch.__version__.encode()).hexdigest()[:16]
+    path = cache_root() / "kernels" / f"gemv-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            subprocess.run([cxx, str(_OPS_SRC), "-o", str(tmp), *flags], check=True, capture_output=True,
+                           timeout=600)
+            os.replace(tmp, path)
+        except (OSError, subprocess.SubprocessError):
+            tmp.unlink(missing_ok=True)
+            return False
+    torch.ops.load_library(str(path))
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    # shapes for torch.export / AOTInductor (the ops are pure: a new (M, N) bf16 tensor)
+    @torch.library.register_fake("openautoglm::int4_gemv")
+    def _(x, qweight, scales, zeros, group_size, path=-1):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("openautoglm::int8_gemv")
+    def _(x, qweight, scales, path=-1):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def gemv_path(kind: str, arg: int) -> str:
+    """The code path a call takes on this CPU: 'avx512' or 'scalar' ('' without the operators). ``kind`` is
+    'int4' (``arg`` = group size) or 'int8' (``arg`` = K)."""
+    if not load_ops():
+        return ""
+    p = getattr(torch.ops.openautoglm, f"{kind}_gemv_path")(arg)
+    return ("scalar", "avx512")[p]
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              path: int = -1) -> torch.Tensor:
+    """(M, K) bf16 activations x int4 per-group weights in the portable layout -> (M, N) bf16, fp32 accumulation.
+    Streams the codes once per activation row: for decode's few rows."""
+    return torch.ops.openautoglm.int4_gemv(x, qweight, scales, zeros, group_size, path)
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, path: int = -1) -> torch.Tensor:
+    """(M, K) bf16 activations x int8 per-channel weights (N, K), scales (N,) bf16 -> (M, N) bf16."""
+    return torch.ops.openautoglm.int8_gemv(x, qweight, scales, path)

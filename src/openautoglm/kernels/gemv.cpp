@@ -1,0 +1,308 @@
+// Weight-only GEMV kernels for decode (a few rows of activations against int4 / int8 weights), registered as
+// torch operators so that AOTInductor's compiled decode step calls them through the dispatcher.
+//
+// openautoglm::int4_gemv(x (M, K) bf16, qweight (N, K/2) uint8, scales (N, K/g) bf16, zeros (N, K/g) bf16, g)
+//     -> (M, N) bf16.  Portable int4 layout (quant/primitives.py): code k of a row in the low nibble of byte k/2 when
+//     k is even, the high nibble when odd; w = (q - 8) * s + z.  Computed as
+//     y = sum_j s_j * sum_{k in j} (q_k - 8) x_k  +  sum_j z_j * sum_{k in j} x_k  with fp32 accumulation.
+// openautoglm::int8_gemv(x (M, K) bf16, qweight (N, K) int8, scales (N,) bf16) -> (M, N) bf16: y = s * (q . x).
+//
+// Decode is memory bound: the point is to stream the codes once at the bandwidth the cores can pull, with no
+// per-call allocation beyond the output.  AVX-512 paths (int4 with AVX512-BF16 dot products: the codes are
+// expanded to bf16 (q - 8) by a 32-entry table lookup and multiplied in pairs with the bf16 activations, which
+// lie in memory in exactly the pairs the nibbles of a byte hold), a scalar path elsewhere.  Rows are split over
+// torch's intra-op threads.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define OAG_X86 1
+#endif
+
+namespace {
+
+inline float bf(uint16_t b) {
+    uint32_t u = static_cast<uint32_t>(b) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's conversion
+    return c10::BFloat16(f).x;
+}
+
+// group sums of x in fp32: xs[m * G + j]
+std::vector<float> group_sums(const uint16_t *x, int64_t M, int64_t K, int64_t g) {
+    const int64_t G = K / g;
+    std::vector<float> xs(M * G);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < G; j++) {
+            float s = 0.f;
+            for (int64_t i = 0; i < g; i++) s += bf(x[m * K + j * g + i]);
+            xs[m * G + j] = s;
+        }
+    return xs;
+}
+
+void int4_rows_scalar(const uint16_t *x, const float *xs, const uint8_t *q, const uint16_t *s, const uint16_t *z,
+                      uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t g, int64_t n0, int64_t n1) {
+    const int64_t G = K / g, hb = g / 2;
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xm = x + m * K;
+        for (int64_t n = n0; n < n1; n++) {
+            float acc = 0.f;
+            for (int64_t j = 0; j < G; j++) {
+                const uint8_t *qb = q + n * (K / 2) + j * hb;
+                float d = 0.f;
+                for (int64_t i = 0; i < hb; i++) {
+                    const int lo = (qb[i] & 15) - 8, hi = (qb[i] >> 4) - 8;
+                    d += lo * bf(xm[j * g + 2 * i]) + hi * bf(xm[j * g + 2 * i + 1]);
+                }
+                acc += bf(s[n * G + j]) * d + bf(z[n * G + j]) * xs[m * G + j];
+            }
+            y[m * N + n] = to_bf16(acc);
+        }
+    }
+}
+
+void int8_rows_scalar(const uint16_t *x, const int8_t *q, const uint16_t *s, uint16_t *y, int64_t M, int64_t N,
+                      int64_t K, int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += q[n * K + k] * bf(x[m * K + k]);
+            y[m * N + n] = to_bf16(acc * bf(s[n]));
+        }
+}
+
+#ifdef OAG_X86
+#define OAG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) inline
+
+// 16 bytes (32 codes) -> 32 bf16 (q - 8) in code order: each byte goes to a 32-bit lane holding the byte in the
+// low half and its high nibble in the high half; vpermw reads 5 index bits a half and the table repeats every
+// 16 entries, so no masking is needed
+OAG_AVX512 __m512bh expand(const uint8_t *p, __m512i tab) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+    return (__m512bh)_mm512_permutexvar_epi16(_mm512_or_si512(v, _mm512_slli_epi32(v, 12)), tab);
+}
+
+OAG_AVX512 __m512 bcast(uint16_t b) {
+    return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(b) << 16)));
+}
+
+// acc + (z_j * xs_j summed over a row's G groups, spread over lanes)
+OAG_AVX512 __m512 zterm(__m512 a, const uint16_t *zr, const float *xr, int64_t G) {
+    for (int64_t j = 0; j < G; j += 16) {
+        const __mmask16 k = G - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - j)) - 1);
+        const __m512i zb = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, zr + j));
+        a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(zb, 16)), _mm512_maskz_loadu_ps(k, xr + j), a);
+    }
+    return a;
+}
+
+// the lane sums of four vectors, in order
+OAG_AVX512 __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    // 128-bit blocks: a0 (2 halves summed), a1, a2, a3
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+    const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+    const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // lane 4b = sum of vector b
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), w));
+}
+
+// 16 bytes (32 codes) per step: g % 32 == 0.  Four rows at a time share the activation loads.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void int4_rows_avx512bf16(
+    const uint16_t *x, const float *xs, const uint8_t *q, const uint16_t *s, const uint16_t *z, uint16_t *y,
+    int64_t M, int64_t N, int64_t K, int64_t g, int64_t n0, int64_t n1) {
+    const int64_t G = K / g, hb = g / 2, KB = K / 2;
+    alignas(64) uint16_t table[32];
+    for (int e = 0; e < 32; e++) table[e] = to_bf16(static_cast<float>((e & 15) - 8));
+    const __m512i tab = _mm512_load_si512(table);
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xm = x + m * K;
+        const float *xsm = xs + m * G;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+                   acc3 = _mm512_setzero_ps();
+            const uint8_t *q0 = q + n * KB, *q1 = q0 + KB, *q2 = q1 + KB, *q3 = q2 + KB;
+            const uint16_t *s0 = s + n * G;
+            for (int64_t j = 0; j < G; j++) {
+                __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps(), d2 = _mm512_setzero_ps(),
+                       d3 = _mm512_setzero_ps();
+                for (int64_t i = 0; i < hb; i += 16) {
+                    const int64_t b = j * hb + i;
+                    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + 2 * b);
+                    d0 = _mm512_dpbf16_ps(d0, expand(q0 + b, tab), xv);
+                    d1 = _mm512_dpbf16_ps(d1, expand(q1 + b, tab), xv);
+                    d2 = _mm512_dpbf16_ps(d2, expand(q2 + b, tab), xv);
+                    d3 = _mm512_dpbf16_ps(d3, expand(q3 + b, tab), xv);
+                }
+                acc0 = _mm512_fmadd_ps(d0, bcast(s0[j]), acc0);
+                acc1 = _mm512_fmadd_ps(d1, bcast(s0[G + j]), acc1);
+                acc2 = _mm512_fmadd_ps(d2, bcast(s0[2 * G + j]), acc2);
+                acc3 = _mm512_fmadd_ps(d3, bcast(s0[3 * G + j]), acc3);
+            }
+            alignas(16) float r[4];
+            _mm_store_ps(r, reduce4(zterm(acc0, z + n * G, xsm, G), zterm(acc1, z + (n + 1) * G, xsm, G),
+                                    zterm(acc2, z + (n + 2) * G, xsm, G), zterm(acc3, z + (n + 3) * G, xsm, G)));
+            for (int i = 0; i < 4; i++) y[m * N + n + i] = to_bf16(r[i]);
+        }
+        for (; n < n1; n++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < G; j++) {
+                __m512 d = _mm512_setzero_ps();
+                for (int64_t i = 0; i < hb; i += 16) {
+                    const int64_t b = j * hb + i;
+                    d = _mm512_dpbf16_ps(d, expand(q + n * KB + b, tab), (__m512bh)_mm512_loadu_si512(xm + 2 * b));
+                }
+                acc = _mm512_fmadd_ps(d, bcast(s[n * G + j]), acc);
+            }
+            y[m * N + n] = to_bf16(_mm512_reduce_add_ps(zterm(acc, z + n * G, xsm, G)));
+        }
+    }
+}
+
+// 16 int8 weights -> fp32
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512 widen8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
+}
+
+// 16 weights per step: K % 16 == 0.  x converted to fp32 once per call.
+__attribute__((target("avx512f,avx512bw"))) void int8_rows_avx512(const float *xf, const int8_t *q,
+                                                                  const uint16_t *s, uint16_t *y, int64_t M,
+                                                                  int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = xf + m * K;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+                   a3 = _mm512_setzero_ps();
+            const int8_t *r = q + n * K;
+            for (int64_t k = 0; k < K; k += 16) {
+                const __m512 xv = _mm512_loadu_ps(xm + k);
+                a0 = _mm512_fmadd_ps(widen8(r + k), xv, a0);
+                a1 = _mm512_fmadd_ps(widen8(r + K + k), xv, a1);
+                a2 = _mm512_fmadd_ps(widen8(r + 2 * K + k), xv, a2);
+                a3 = _mm512_fmadd_ps(widen8(r + 3 * K + k), xv, a3);
+            }
+            y[m * N + n] = to_bf16(_mm512_reduce_add_ps(a0) * bf(s[n]));
+            y[m * N + n + 1] = to_bf16(_mm512_reduce_add_ps(a1) * bf(s[n + 1]));
+            y[m * N + n + 2] = to_bf16(_mm512_reduce_add_ps(a2) * bf(s[n + 2]));
+            y[m * N + n + 3] = to_bf16(_mm512_reduce_add_ps(a3) * bf(s[n + 3]));
+        }
+        for (; n < n1; n++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16)
+                a = _mm512_fmadd_ps(widen8(q + n * K + k), _mm512_loadu_ps(xm + k), a);
+            y[m * N + n] = to_bf16(_mm512_reduce_add_ps(a) * bf(s[n]));
+        }
+    }
+}
+#endif
+
+bool has(const char *feature) {
+#ifdef OAG_X86
+    __builtin_cpu_init();
+    if (!std::strcmp(feature, "avx512bf16"))
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    if (!std::strcmp(feature, "avx512")) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#endif
+    (void)feature;
+    return false;
+}
+
+// the path a call takes: 1 = vectorized, 0 = scalar (forced to 0 with path=0, for the tests)
+int64_t int4_path(int64_t g) { return (g % 32 == 0 && has("avx512bf16")) ? 1 : 0; }
+int64_t int8_path(int64_t K) { return (K % 16 == 0 && has("avx512")) ? 1 : 0; }
+
+constexpr int64_t GRAIN = 64;  // rows a thread takes at least
+
+void check_x(const at::Tensor &x, int64_t K) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, ", K, "), got ", x.sizes());
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bf16");
+}
+
+at::Tensor int4_gemv(const at::Tensor &x_, const at::Tensor &qweight_, const at::Tensor &scales_,
+                     const at::Tensor &zeros_, int64_t g, int64_t path) {
+    const int64_t N = qweight_.size(0), K = qweight_.size(1) * 2;
+    TORCH_CHECK(g > 0 && K % g == 0 && g % 2 == 0, "group size ", g, " does not divide K=", K);
+    check_x(x_, K);
+    TORCH_CHECK(qweight_.scalar_type() == at::kByte, "qweight must be uint8");
+    TORCH_CHECK(scales_.sizes() == zeros_.sizes() && scales_.size(0) == N && scales_.size(1) == K / g,
+                "scales/zeros must be (N, K/g)");
+    TORCH_CHECK(scales_.scalar_type() == at::kBFloat16 && zeros_.scalar_type() == at::kBFloat16,
+                "scales/zeros must be bf16");
+    const at::Tensor x = x_.contiguous(), qw = qweight_.contiguous(), sc = scales_.contiguous(),
+                     ze = zeros_.contiguous();
+    const int64_t M = x.size(0);
+    at::Tensor y = at::empty({M, N}, x.options());
+    const auto *xp = reinterpret_cast<const uint16_t *>(x.data_ptr());
+    const auto *qp = qw.data_ptr<uint8_t>();
+    const auto *sp = reinterpret_cast<const uint16_t *>(sc.data_ptr());
+    const auto *zp = reinterpret_cast<const uint16_t *>(ze.data_ptr());
+    auto *yp = reinterpret_cast<uint16_t *>(y.data_ptr());
+    const std::vector<float> xs = group_sums(xp, M, K, g);
+    const int64_t use = path < 0 ? int4_path(g) : std::min(path, int4_path(g));
+    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+#ifdef OAG_X86
+        if (use == 1) return int4_rows_avx512bf16(xp, xs.data(), qp, sp, zp, yp, M, N, K, g, n0, n1);
+#endif
+        int4_rows_scalar(xp, xs.data(), qp, sp, zp, yp, M, N, K, g, n0, n1);
+    });
+    return y;
+}
+
+at::Tensor int8_gemv(const at::Tensor &x_, const at::Tensor &qweight_, const at::Tensor &scales_, int64_t path) {
+    const int64_t N = qweight_.size(0), K = qweight_.size(1);
+    check_x(x_, K);
+    TORCH_CHECK(qweight_.scalar_type() == at::kChar, "qweight must be int8");
+    TORCH_CHECK(scales_.dim() == 1 && scales_.size(0) == N && scales_.scalar_type() == at::kBFloat16,
+                "scales must be (N,) bf16");
+    const at::Tensor x = x_.contiguous(), qw = qweight_.contiguous(), sc = scales_.contiguous();
+    const int64_t M = x.size(0);
+    at::Tensor y = at::empty({M, N}, x.options());
+    const auto *xp = reinterpret_cast<const uint16_t *>(x.data_ptr());
+    const auto *qp = qw.data_ptr<int8_t>();
+    const auto *sp = reinterpret_cast<const uint16_t *>(sc.data_ptr());
+    auto *yp = reinterpret_cast<uint16_t *>(y.data_ptr());
+    const int64_t use = path < 0 ? int8_path(K) : std::min(path, int8_path(K));
+    std::vector<float> xf;
+    if (use == 1) {
+        xf.resize(M * K);
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf(xp[i]);
+    }
+    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+#ifdef OAG_X86
+        if (use == 1) return int8_rows_avx512(xf.data(), qp, sp, yp, M, N, K, n0, n1);
+#endif
+        int8_rows_scalar(xp, qp, sp, yp, M, N, K, n0, n1);
+    });
+    return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(openautoglm, m) {
+    m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, int path=-1) -> Tensor");
+    m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales, int path=-1) -> Tensor");
+    m.def("int4_gemv_path(int group_size) -> int", [](int64_t g) { return int4_path(g); });
+    m.def("int8_gemv_path(int K) -> int", [](int64_t k) { return int8_path(k); });
+}
+
+TORCH_LIBRARY_IMPL(openautoglm, CPU, m) {
+    m.impl("int4_gemv", &int4_gemv);
+    m.impl("int8_gemv", &int8_gemv);
+}

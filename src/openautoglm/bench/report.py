@@ -66,6 +66,9 @@ def flatten(workers: list[dict]) -> list[dict]:
             rows.append({
                 **row, "skipped": False,
                 "load_s": w["load_s"], "ttft_s": r["ttft_s"]["median"],
+                # load-to-first-token in a process that has imported the library: loading (and compiling from the
+                # warm caches) plus the first request's time to its first token
+                "ltft_s": w["init_s"] + w["first_ttft_s"] if "init_s" in w and "first_ttft_s" in w else None,
                 "prefill_tok_s": r["prefill_tok_s"]["median"], "decode_tok_s": dec,
                 "decode_tok_s_min": r["decode_tok_s"]["min"], "decode_tok_s_max": r["decode_tok_s"]["max"],
                 "prefill_tok_s_min": r["prefill_tok_s"]["min"], "prefill_tok_s_max": r["prefill_tok_s"]["max"],
@@ -83,7 +86,7 @@ def table(rows: list[dict], baseline: str | None = "llama.cpp") -> str:
     for r in rows:
         if not r.get("skipped") and r["system"] == baseline and r["batch"] == 1:
             base[r["prompt_tokens"]] = r
-    head = ["system", "config", "pp", "B", "load s", "ttft s", "prefill t/s", "decode t/s (min-max)", "RSS MB",
+    head = ["system", "config", "pp", "B", "load s", "ltft s", "ttft s", "prefill t/s", "decode t/s (min-max)", "RSS MB",
             "weights MB", "GB/s", "cpu-s/tok", "J/tok", "decode x", "prefill x"]
     lines = []
     for r in rows:
@@ -94,7 +97,7 @@ def table(rows: list[dict], baseline: str | None = "llama.cpp") -> str:
         b = base.get(r["prompt_tokens"])
         lines.append([
             r["system"], r["config"], str(r["prompt_tokens"]), str(r["batch"]), f"{r['load_s']:.2f}",
-            f"{r['ttft_s']:.3f}", f"{r['prefill_tok_s']:.0f}",
+            "-" if r.get("ltft_s") is None else f"{r['ltft_s']:.2f}", f"{r['ttft_s']:.3f}", f"{r['prefill_tok_s']:.0f}",
             f"{r['decode_tok_s']:.1f} ({r['decode_tok_s_min']:.1f}-{r['decode_tok_s_max']:.1f})",
             f"{r['peak_rss_mb']:.0f}", f"{r['weight_bytes'] / 1e6:.0f}", f"{r['gb_s']:.1f}",
             f"{r['cpu_s_per_token']:.3f}", "n/a" if r["joules_per_token"] is None else f"{r['joules_per_token']:.3f}",
@@ -154,19 +157,19 @@ def plot(path: str | Path, rows: list[dict], title: str) -> None:
 def markdown(rows: list[dict], baseline: str = "llama.cpp") -> str:
     """The results as a markdown table, with decode/prefill/RSS ratios against ``baseline`` at batch 1."""
     base = {r["prompt_tokens"]: r for r in rows if not r.get("skipped") and r["system"] == baseline and r["batch"] == 1}
-    out = ["| system | config | prompt | batch | load s | TTFT s | prefill tok/s | decode tok/s (min–max) | "
+    out = ["| system | config | prompt | batch | load s | load-to-first-token s | TTFT s | prefill tok/s | decode tok/s (min–max) | "
            "peak RSS MB | weights MB | GB/s | CPU-s/token | decode × llama.cpp | prefill × | RSS × |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):
             out.append(f"| {r['system']} | {r['config']} | {r.get('prompt_tokens', '')} | {r.get('batch', '')} | "
-                       f"skipped: {r['reason']} ||||||||||| ")
+                       f"skipped: {r['reason']} |||||||||||| ")
             continue
         b = base.get(r["prompt_tokens"])
         ratio = (lambda k: f"{r[k] / b[k]:.2f}") if b else (lambda k: "–")
         out.append(
             f"| {r['system']} | {r['config']} | {r['prompt_tokens']} | {r['batch']} | {r['load_s']:.2f} | "
-            f"{r['ttft_s']:.3f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} "
+            f"{'–' if r.get('ltft_s') is None else format(r['ltft_s'], '.2f')} | {r['ttft_s']:.3f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} "
             f"({r['decode_tok_s_min']:.1f}–{r['decode_tok_s_max']:.1f}) | {r['peak_rss_mb']:.0f} | "
             f"{r['weight_bytes'] / 1e6:.0f} | {r['gb_s']:.1f} | {r['cpu_s_per_token']:.3f} | "
             f"{ratio('decode_tok_s') if r['batch'] == 1 else '–'} | {ratio('prefill_tok_s') if r['batch'] == 1 else '–'} | "

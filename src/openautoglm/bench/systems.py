@@ -36,6 +36,12 @@ class Timing:
 class Ours:
     name = "openautoglm"
 
+    @staticmethod
+    def imports():
+        import torch  # noqa: F401
+
+        from .. import engine  # noqa: F401
+
     def __init__(self, model: str, config: str, threads: int, n_ctx: int):
         import torch
 
@@ -97,6 +103,13 @@ class Ours:
 class LlamaCpp:
     name = "llama.cpp"
 
+    @staticmethod
+    def imports():
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            pass  # reported as a skip by the constructor
+
     def __init__(self, model: str, config: str, threads: int, n_ctx: int):
         from pathlib import Path
 
@@ -137,6 +150,15 @@ class LlamaCpp:
 
 class Transformers:
     name = "transformers"
+
+    @staticmethod
+    def imports():
+        import torch  # noqa: F401
+
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            pass
 
     def __init__(self, model: str, config: str, threads: int):
         from pathlib import Path

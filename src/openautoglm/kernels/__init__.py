@@ -29,32 +29,39 @@ _SRC = Path(__file__).with_name("dequant.c")
 _CFLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-std=c11"]
 
 
-def _compiler() -> str | None:
-    for c in (os.environ.get("CC"), "cc", "gcc", "clang"):
+def _which(env: str, names: tuple[str, ...]) -> str | None:
+    for c in (os.environ.get(env), *names):
         if c and shutil.which(c):
             return shutil.which(c)
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
-    cc = _compiler()
-    if cc is None:
+def _build(compiler: str | None, src: Path, flags: list[str], extra_key: bytes = b"") -> Path | None:
+    """Compile ``src`` into ``cache_root()/kernels`` once per (source, compiler, flags, ``extra_key``), written
+    atomically; None where there is no compiler or the build fails (callers keep torch's kernels)."""
+    if compiler is None:
         return None
     from ..compiler import cache_root
 
-    src = _SRC.read_bytes()
-    key = hashlib.sha256(src + cc.encode() + " ".join(_CFLAGS).encode()).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"dequant-{key}.so"
+    key = hashlib.sha256(src.read_bytes() + compiler.encode() + " ".join(flags).encode() + extra_key).hexdigest()[:16]
+    path = cache_root() / "kernels" / f"{src.stem}-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
-            subprocess.run([cc, *_CFLAGS, str(_SRC), "-o", str(tmp)], check=True, capture_output=True, timeout=120)
+            subprocess.run([compiler, str(src), "-o", str(tmp), *flags], check=True, capture_output=True, timeout=600)
             os.replace(tmp, path)
         except (OSError, subprocess.SubprocessError):
             tmp.unlink(missing_ok=True)
             return None
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    path = _build(_which("CC", ("cc", "gcc", "clang")), _SRC, _CFLAGS)
+    if path is None:
+        return None
     lib = ctypes.CDLL(str(path))
     lib.oag_dequant_int4_path.argtypes = [ctypes.c_int64]
     lib.oag_dequant_int4_path.restype = ctypes.c_int
@@ -107,13 +114,6 @@ def dequant_int4_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
 _OPS_SRC = Path(__file__).with_name("gemv.cpp")
 
 
-def _cxx() -> str | None:
-    for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if c and shutil.which(c):
-            return shutil.which(c)
-    return None
-
-
 def _ops_flags() -> list[str]:
     # torch's own headers and libraries (the paths torch.utils.cpp_extension would give; importing it costs ~0.2 s
     # at every start, and no build system is needed for one file)
@@ -134,25 +134,9 @@ def ops_digest() -> str:
 def load_ops() -> bool:
     """Build (once per machine, ~15 s, into the cache) and load the ``openautoglm::`` operators. False where no
     C++ compiler works; callers then keep torch's kernels."""
-    cxx = _cxx()
-    if cxx is None:
+    path = _build(_which("CXX", ("c++", "g++", "clang++")), _OPS_SRC, _ops_flags(), torch.__version__.encode())
+    if path is None:
         return False
-    from ..compiler import cache_root
-
-    flags = _ops_flags()
-    key = hashlib.sha256(_OPS_SRC.read_bytes() + cxx.encode() + " ".join(flags).encode()
-                         + torch.__version__.encode()).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"gemv-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            subprocess.run([cxx, str(_OPS_SRC), "-o", str(tmp), *flags], check=True, capture_output=True,
-                           timeout=600)
-            os.replace(tmp, path)
-        except (OSError, subprocess.SubprocessError):
-            tmp.unlink(missing_ok=True)
-            return False
     torch.ops.load_library(str(path))
     _register_fakes()
     return True

@@ -104,6 +104,45 @@ def test_int4_gemv_matches_the_dequantized_reference(group, shape, rows):
         _close_to_bf16_rounding(kernels.int4_gemv(x, P.pack_bits(q, 4), s, z, group, path=path), ref)
 
 
+def _a8_reference(x: torch.Tensor) -> torch.Tensor:
+    # int8 activations (llama.cpp's Q8 with blocks of 8), in the operator's own fp32 steps: per block of 8,
+    # d = max|x| / 127, q = round-half-even(x * (127 / max|x|)); returned dequantized (q * d, exact in float64)
+    xb = x.float().view(x.shape[0], -1, 8)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.round(xb * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    assert q.abs().max() <= 127
+    return (q.double() * (amax / 127).double()).view(x.shape)
+
+
+@pytest.mark.parametrize("group,shape", [(32, (37, 576)), (64, (130, 576)), (32, (130, 1536)), (128, (37, 1536)),
+                                         (256, (130, 1536)), (32, (9, 96))])  # K=576, 96: a partial last chunk
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_gemv_a8_is_the_dequantized_weights_times_the_quantized_activations(group, shape, rows):
+    _ops()
+    if not kernels.gemv_path("int4-a8", group):
+        pytest.skip("this CPU has no AVX512-VNNI")
+    g = torch.Generator().manual_seed(group + shape[0] + rows)
+    w = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[0])[:, None]
+    q, s, z = P.asym_per_group(w, 4, group)
+    s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
+    x = (torch.randn(rows, shape[1], generator=g) * 3).to(torch.bfloat16)
+    x[:, ::97] *= 20  # outlier channels
+    x[-1, 32:64] = 0  # all-zero blocks (d = 0)
+    xq = _a8_reference(x)
+    wd = P.dequant_asym(q, s, z, 4).double()
+    out = kernels.int4_gemv_a8(x, P.pack_bits(q, 4), s, z, group)
+    ref = xq @ wd.t()
+    # one bf16 rounding of an fp32 sum whose terms (s q x and (z - 8 s) x) are bounded by `terms`
+    sr, zr = (t.double().repeat_interleave(group, 1) for t in (s, z))
+    terms = xq.abs() @ (23 * sr.abs() + zr.abs()).t()
+    assert out.dtype == torch.bfloat16
+    tol = ref.abs() * 2 ** -8 + 1e-5 * terms
+    err = (out.double() - ref).abs()
+    assert bool((err <= tol).all()), float(err.max())
+    # and the check tells it from the bf16-activation product (the quantization is really applied)
+    assert bool(((x.double() @ wd.t() - ref).abs() > tol).any())
+
+
 @pytest.mark.parametrize("shape", [(37, 576), (1029, 1536), (5, 24)])  # K=24: not a multiple of 16, scalar
 def test_int8_gemv_matches_the_dequantized_reference(shape):
     _ops()
@@ -127,3 +166,9 @@ def test_gemv_rejects_bad_input():
         kernels.int4_gemv(torch.randn(1, 32).bfloat16(), m.qweight, m.scales, m.zeros, 32)
     with pytest.raises(RuntimeError, match="group size"):
         kernels.int4_gemv(torch.randn(1, 64).bfloat16(), m.qweight, m.scales, m.zeros, 48)
+    if kernels.gemv_path("int4-a8", 32):
+        with pytest.raises(RuntimeError, match="bf16"):
+            kernels.int4_gemv_a8(torch.randn(1, 64), m.qweight, m.scales, m.zeros, 32)
+        s16 = torch.ones(8, 4, dtype=torch.bfloat16)  # group size 16: no VNNI path
+        with pytest.raises(RuntimeError, match="multiple of 32"):
+            kernels.int4_gemv_a8(torch.randn(1, 64).bfloat16(), m.qweight, s16, s16, 16)

@@ -14,28 +14,49 @@ PROMPTS = ("Hello there", "def f(x):", "東京 😀")
 TOL = {"O1": 1e-4, "O2": 1e-3, "O3": 5e-2}
 
 
-@pytest.mark.parametrize("prefer", ["native", "bf16", "w8a8", "gemv"])
+def _same_greedy(e0, e1, level, prompt, max_tokens=20):
+    """e1's greedy tokens are O0's, except where O0 itself is at a tie within the level's stated tolerance."""
+    a = e0.generate(prompt, max_tokens=max_tokens, ignore_eos=True)[0].token_ids
+    b = e1.generate(prompt, max_tokens=max_tokens, ignore_eos=True)[0].token_ids
+    if a != b:
+        i = next(k for k in range(len(a)) if a[k] != b[k])
+        ids = torch.tensor([e0.tokenizer.encode(prompt) + a[:i]])
+        with torch.no_grad():
+            lg = e0.model(ids)[0, -1]
+        assert float(lg[a[i]] - lg[b[i]]) <= TOL[level] * float(lg.abs().max()), (level, prompt, i)
+
+
+@pytest.mark.parametrize("prefer", ["native", "bf16", "w8a8", "gemv", "gemv-a8"])
 def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch, prefer):
     # force the selector's hand (timings rigged so `prefer` wins wherever it is eligible): every choice it can
     # make must keep O0's greedy tokens
     from openautoglm.compiler import autotune
 
-    # (with `gemv`, decode-only, prefill gets the dequantizing GEMM: no int4 layer then runs torch's int4 kernel)
-    second = "bf16-dq" if prefer == "gemv" else None
+    # (with `gemv`/`gemv-a8`, decode-only, prefill gets the dequantizing GEMM: no int4 layer then runs torch's
+    # int4 kernel)
+    second = "bf16-dq" if prefer.startswith("gemv") else None
+    if prefer == "gemv-a8":
+        from openautoglm import kernels
+
+        if not kernels.gemv_path("int4-a8", 32):
+            pytest.skip("this CPU has no AVX512-VNNI")
     monkeypatch.setattr(autotune, "_time", lambda f, x, reps=5: {prefer: 0.0, second: 0.5}.get(getattr(f, "impl", ""), 1.0))
     monkeypatch.setattr(autotune, "cache_file", lambda: oag_cache / f"autotune-{prefer}.json")
     scheme = "int8" if prefer == "w8a8" else "int4-g32"
     e0, e1 = _engine(tiny_engine_dir, scheme), _engine(tiny_engine_dir, scheme, "O3")
     picked = {c for v in e1.info()["compile"]["autotune"]["choices"].values() for c in v}
     assert prefer in picked
-    if prefer == "gemv":  # and so builds no CPU pack, and the plan counts none
+    if second:  # and so builds no CPU pack, and the plan counts none
         assert {"native"}.isdisjoint(c for k, v in e1.info()["compile"]["autotune"]["choices"].items()
                                      if k.startswith("int4") for c in v)
         assert e1.info()["compile"]["memory_plan"]["pack_bytes"] == 0
         assert all(getattr(m, "packed", None) is None for m in e1.model.modules())
     for p in PROMPTS:
-        assert e0.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids == \
-            e1.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
+        if prefer == "gemv-a8":  # int8 activations: O3's stated tolerance
+            _same_greedy(e0, e1, "O3", p)
+        else:
+            assert e0.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids == \
+                e1.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
 
 
 def _engine(d, scheme, level=None):
@@ -52,14 +73,7 @@ def _engine(d, scheme, level=None):
 def test_level_matches_o0(tiny_engine_dir, oag_cache, level, scheme):
     e0, e1 = _engine(tiny_engine_dir, scheme), _engine(tiny_engine_dir, scheme, level)
     for p in PROMPTS:
-        a = e0.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
-        b = e1.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
-        if a != b:  # only allowed where O0 itself is at a tie within the level's stated tolerance
-            i = next(k for k in range(len(a)) if a[k] != b[k])
-            ids = torch.tensor([e0.tokenizer.encode(p) + a[:i]])
-            with torch.no_grad():
-                lg = e0.model(ids)[0, -1]
-            assert float(lg[a[i]] - lg[b[i]]) <= TOL[level] * float(lg.abs().max()), (level, scheme, p, i)
+        _same_greedy(e0, e1, level, p)
     # batched, rows of different lengths: the planned cache (2 rows) is reused
     a = [r.token_ids for r in e0.generate(["one", "a longer second prompt"], max_tokens=12, ignore_eos=True)]
     b = [r.token_ids for r in e1.generate(["one", "a longer second prompt"], max_tokens=12, ignore_eos=True)]

@@ -10,14 +10,16 @@ planned batch; prefill: the planned chunk) it times the implementations this CPU
 - ``w8a8``: for int8 weight-only layers, int8 activations per token and ``torch._int_mm``;
 - ``gemv``: for int4 and int8 weight-only layers at decode's few rows, our weight-only GEMV operators
   (``kernels/gemv.cpp``: the portable codes streamed once, fp32 accumulation), which AOTInductor's decode step
-  calls through the dispatcher. Int4 layers that never run their native kernel (``gemv`` at decode,
-  ``bf16-dq`` at prefill) build no CPU pack at all.
+  calls through the dispatcher;
+- ``gemv-a8``: for int4 layers at decode, the same with int8 activations per block of 8 and VNNI dot products
+  (where the CPU has AVX512-VNNI), as llama.cpp's Q4 x Q8 (blocks of 32 there). Int4 layers that never run their native kernel
+  (``gemv``/``gemv-a8`` at decode, ``bf16-dq`` at prefill) build no CPU pack at all.
 
 A candidate is eligible only if its output stays within the quality budget: relative error against the
 layer's dequantize-then-matmul reference at most ``QUALITY_BUDGET`` (the bf16-activation level every
 weight-only kernel already has), measured on inputs with outlier channels. The fastest eligible one is kept.
 Choices are cached on disk (``~/.cache/openautoglm/autotune.json``) keyed by format, shape, bucket, dtype,
-CPU flags, torch version and thread count; a corrupt cache file is ignored and rewritten. The thread count is
+CPU flags, torch version, our native kernels' sources (timings of an edited kernel are stale) and thread count; a corrupt cache file is ignored and rewritten. The thread count is
 tuned first, on the model's own decode-bucket linears.
 """
 
@@ -42,7 +44,7 @@ QUALITY_BUDGET = 1e-2
 # is within 5-25% of the copy here, so no copy is kept)
 COPY_MIN_GAIN = 0.25
 DECODE_MAX = 16  # token counts up to this use the decode choice
-DECODE_ONLY = ("gemv",)
+DECODE_ONLY = ("gemv", "gemv-a8")
 
 
 def cpu_key() -> str:
@@ -144,16 +146,19 @@ class GemvLinear(nn.Module):
     """Decode's weight-only GEMV (``kernels.int4_gemv`` / ``int8_gemv``) on the layer's own portable weights. The
     source layer is held outside the module tree, as in ``DequantBF16Linear``."""
 
-    def __init__(self, mod: nn.Module):
+    def __init__(self, mod: nn.Module, a8: bool = False):
         super().__init__()
         self._src = (mod,)
+        self.a8 = a8  # int4 with int8 activations (``gemv-a8``)
         b = None if mod.bias is None else mod.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", b, persistent=False)
 
     def forward(self, x):
         m = self._src[0]
         x2 = x.reshape(-1, m.in_features).to(torch.bfloat16).contiguous()
-        if hasattr(m, "group_size"):
+        if self.a8:
+            y = torch.ops.openautoglm.int4_gemv_a8(x2, m.qweight, m.scales, m.zeros, m.group_size)
+        elif hasattr(m, "group_size"):
             y = torch.ops.openautoglm.int4_gemv(x2, m.qweight, m.scales, m.zeros, m.group_size)
         else:
             y = torch.ops.openautoglm.int8_gemv(x2, m.qweight, m.scales)
@@ -174,6 +179,8 @@ def implementations(mod) -> dict:
             out["bf16-dq"] = (DequantBF16Linear, 0)
         if kernels.load_ops():
             out["gemv"] = (GemvLinear, 0)
+            if kernels.gemv_path("int4-a8", mod.group_size):
+                out["gemv-a8"] = (lambda m: GemvLinear(m, a8=True), 0)
     if type(mod).__name__ == "Int8Linear":
         from .. import kernels
 
@@ -259,7 +266,9 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
 
     path = cache_file()
     cache = load_cache(path)
-    base = f"{cpu_key()}|torch:{torch.__version__}"
+    from .. import kernels
+
+    base = f"{cpu_key()}|torch:{torch.__version__}|kernels:{kernels.sources_digest()}"
     threads = tune_threads(model, max_batch, cache, base)
     torch.set_num_threads(threads)
     budget = weight_bytes(model) if memory_budget is None else memory_budget

@@ -111,7 +111,7 @@ OAG_AVX512 __m512 zterm(__m512 a, const uint16_t *zr, const float *xr, int64_t G
 }
 
 // the lane sums of four vectors, in order
-OAG_AVX512 __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
     const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
     // 128-bit blocks: a0 (2 halves summed), a1, a2, a3
@@ -174,6 +174,154 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void int4_rows_a
     }
 }
 
+// --- W4A8: int8 activations (per block of 8; llama.cpp's Q4 x Q8 uses 32) and VNNI integer dot products ---
+//
+// The activations of each block of 8 are quantized to int8 (d = max|x| / 127, xq = round(x * (127 / max|x|))); the
+// 32 of a group are split into the 16 even and 16 odd positions (the low and high nibbles of its 16 code bytes) and
+// laid out four groups to a 64-byte vector.  A 32-bit lane of the dot product then covers exactly one block of 8
+// (4 even and 4 odd positions), so the block scale costs nothing in the loop: one chunk of 64 code bytes (128 weights) costs: and, shift+and, two vpdpbusd (u8 codes x s8
+// activations, 4 products a 32-bit lane, 4 lanes a group), an int->float conversion and one FMA against the lane
+// scales s_group * d_block.  Blocks of 8 rather than llama.cpp's 32: an outlier channel coarsens 7 neighbours,
+// not 31 (per-layer error on inputs with outlier channels ~1e-2 -> ~4e-3, see autotune's quality budget).  The zero points: sum_j (z_j - 8 s_j) * sum_{k in j} d_k xq_k, 16 groups at a time.
+// The result is the exact dot product of the dequantized weights with the quantized activations, in fp32.
+
+struct A8 {  // one call's quantized activations
+    int64_t C, Gp;          // chunks of 4 blocks; groups rounded up to 16
+    std::vector<int8_t> xb;  // (M, C, 2, 64): even then odd positions of 4 blocks
+    std::vector<float> dl;   // (M, C, 16): lane l -> d of the block of 8 it covers (0 past the end)
+    std::vector<float> sg;   // (M, Gp): sum over a group's blocks of d_b * sum(xq_b) (0 past the end)
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) A8 quantize_a8(const uint16_t *x, int64_t M, int64_t K,
+                                                                    int64_t g) {
+    const int64_t B = K / 32, G = K / g, bpg = g / 32;
+    A8 a;
+    a.C = (B + 3) / 4;
+    a.Gp = (G + 15) / 16 * 16;
+    a.xb.assign(M * a.C * 128, 0);
+    a.dl.assign(M * a.C * 16, 0.f);
+    a.sg.assign(M * a.Gp, 0.f);
+    const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < B; b++) {
+            // 32 bf16 = 16 lanes of (even, odd) pairs -> the two halves as fp32; lanes 4t..4t+3 of each hold the
+            // block of 8 elements 8t..8t+7, which the kernel's 32-bit lane t of this group multiplies
+            const __m512i v = _mm512_loadu_si512(x + m * K + b * 32);
+            const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            const __m512 o = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+            __m512 amax = _mm512_max_ps(_mm512_abs_ps(e), _mm512_abs_ps(o));
+            amax = _mm512_max_ps(amax, _mm512_permute_ps(amax, 0x4E));
+            amax = _mm512_max_ps(amax, _mm512_permute_ps(amax, 0xB1));  // each lane: its block's max
+            const __m512 d = _mm512_div_ps(amax, _mm512_set1_ps(127.f));
+            const __m512 id = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                                  _mm512_set1_ps(127.f), amax);
+            const __m512i ei = _mm512_cvtps_epi32(_mm512_mul_ps(e, id));  // nearest even
+            const __m512i oi = _mm512_cvtps_epi32(_mm512_mul_ps(o, id));
+            int8_t *dst = a.xb.data() + (m * a.C + b / 4) * 128 + (b % 4) * 16;
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(dst), _mm512_cvtsepi32_epi8(ei));
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + 64), _mm512_cvtsepi32_epi8(oi));
+            _mm_storeu_ps(a.dl.data() + (m * a.C + b / 4) * 16 + (b % 4) * 4,
+                          _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                                        0, 0, 12, 8, 4, 0), d)));
+            a.sg[m * a.Gp + b / bpg] += _mm512_reduce_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(ei, oi))));
+        }
+    return a;
+}
+
+// sum_j (z_j - 8 s_j) * sg_j over a row's groups, spread over lanes (sg is zero past G; s, z are read masked)
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512 zterm_a8(
+    __m512 acc, const uint16_t *sr, const uint16_t *zr, const float *sg, int64_t G) {
+    for (int64_t j = 0; j < G; j += 16) {
+        const __mmask16 k = G - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - j)) - 1);
+        const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, sr + j)), 16));
+        const __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, zr + j)), 16));
+        acc = _mm512_fmadd_ps(_mm512_fmadd_ps(sv, _mm512_set1_ps(-8.f), zv), _mm512_loadu_ps(sg + j), acc);
+    }
+    return acc;
+}
+
+#define OAG_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline
+
+// one row's contribution of one chunk: codes c (64 bytes, 4 blocks), the row's scales for the chunk (bf16, read
+// masked), activations xe/xo, lane d's
+OAG_VNNI __m512 chunk_a8(__m512 acc, __m512i c, const uint16_t *sp, __mmask8 sk, __m512i idx, __m512i xe, __m512i xo,
+                         __m512 dv) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(c, m4), xe);
+    a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(c, 4), m4), xo);
+    // bf16 scales -> fp32 lanes: word 2l+1 of lane l takes scale idx[l], word 2l is zeroed
+    const __m512i sv = _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, idx,
+                                                      _mm512_castsi128_si512(_mm_maskz_loadu_epi16(sk, sp)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(_mm512_castsi512_ps(sv), dv), acc);
+}
+
+// rows ahead whose codes a pass prefetches (decode streams the weights from DRAM once; the hardware prefetcher
+// alone keeps too few lines in flight: ~5 GB/s a core here against ~8 streaming).  8-16 measured alike.
+constexpr int64_t PF_ROWS = 8;
+// g % 32 == 0.  Four rows at a time share the activation loads.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_vnni(
+    const A8 &a, const uint8_t *q, const uint16_t *s, const uint16_t *z, uint16_t *y, int64_t M, int64_t N,
+    int64_t K, int64_t g, int64_t n0, int64_t n1) {
+    const int64_t G = K / g, KB = K / 2, B = K / 32, bpg = g / 32, C = a.C, Cf = B / 4;
+    // lane l of a chunk reads the scale of group (4c + l/4) / bpg, i.e. word (l/4)/bpg from the chunk's first group
+    alignas(64) uint16_t ix[32];
+    for (int l = 0; l < 16; l++) ix[2 * l] = 0, ix[2 * l + 1] = static_cast<uint16_t>((l / 4) / bpg);
+    const __m512i idx = _mm512_load_si512(ix);
+    const __mmask8 sk_full = static_cast<__mmask8>((1u << std::max<int64_t>(1, 4 / bpg)) - 1);
+    const int64_t tb = B - Cf * 4;  // blocks in the tail chunk
+    const __mmask64 ck_tail = tb ? ((~0ull) >> (64 - 16 * tb)) : 0;
+    const __mmask8 sk_tail = static_cast<__mmask8>((1u << std::max<int64_t>(1, (tb + bpg - 1) / bpg)) - 1);
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *xb = a.xb.data() + m * C * 128;
+        const float *dl = a.dl.data() + m * C * 16, *sg = a.sg.data() + m * a.Gp;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+                   acc3 = _mm512_setzero_ps();
+            const uint8_t *q0 = q + n * KB;
+            const uint16_t *s0 = s + n * G;
+            for (int64_t c = 0; c < C; c++) {
+                const bool tail = c == Cf;
+                const __mmask64 ck = tail ? ck_tail : ~0ull;
+                const __mmask8 sk = tail ? sk_tail : sk_full;
+                const __m512i xe = _mm512_loadu_si512(xb + c * 128), xo = _mm512_loadu_si512(xb + c * 128 + 64);
+                const __m512 dv = _mm512_loadu_ps(dl + c * 16);
+                const int64_t off = c * 64, so = (4 * c) / bpg;
+                const uint8_t *pf = q0 + PF_ROWS * KB + off;
+                _mm_prefetch(reinterpret_cast<const char *>(pf), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char *>(pf + KB), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char *>(pf + 2 * KB), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char *>(pf + 3 * KB), _MM_HINT_T0);
+                acc0 = chunk_a8(acc0, _mm512_maskz_loadu_epi8(ck, q0 + off), s0 + so, sk, idx, xe, xo, dv);
+                acc1 = chunk_a8(acc1, _mm512_maskz_loadu_epi8(ck, q0 + KB + off), s0 + G + so, sk, idx, xe, xo, dv);
+                acc2 = chunk_a8(acc2, _mm512_maskz_loadu_epi8(ck, q0 + 2 * KB + off), s0 + 2 * G + so, sk, idx, xe,
+                                xo, dv);
+                acc3 = chunk_a8(acc3, _mm512_maskz_loadu_epi8(ck, q0 + 3 * KB + off), s0 + 3 * G + so, sk, idx, xe,
+                                xo, dv);
+            }
+            for (int64_t i = 0; i < 4 * G * 2; i += 32) {  // the next rows' scales and zeros
+                _mm_prefetch(reinterpret_cast<const char *>(s0 + PF_ROWS * G) + i, _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char *>(z + (n + PF_ROWS) * G) + i, _MM_HINT_T0);
+            }
+            alignas(16) float r[4];
+            _mm_store_ps(r, reduce4(zterm_a8(acc0, s0, z + n * G, sg, G), zterm_a8(acc1, s0 + G, z + (n + 1) * G, sg, G),
+                                    zterm_a8(acc2, s0 + 2 * G, z + (n + 2) * G, sg, G),
+                                    zterm_a8(acc3, s0 + 3 * G, z + (n + 3) * G, sg, G)));
+            for (int i = 0; i < 4; i++) y[m * N + n + i] = to_bf16(r[i]);
+        }
+        for (; n < n1; n++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < C; c++) {
+                const bool tail = c == Cf;
+                acc = chunk_a8(acc, _mm512_maskz_loadu_epi8(tail ? ck_tail : ~0ull, q + n * KB + c * 64),
+                               s + n * G + (4 * c) / bpg, tail ? sk_tail : sk_full, idx, _mm512_loadu_si512(xb + c * 128),
+                               _mm512_loadu_si512(xb + c * 128 + 64), _mm512_loadu_ps(dl + c * 16));
+            }
+            y[m * N + n] = to_bf16(_mm512_reduce_add_ps(zterm_a8(acc, s + n * G, z + n * G, sg, G)));
+        }
+    }
+}
+
 // 16 int8 weights -> fp32
 __attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512 widen8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
@@ -191,6 +339,9 @@ __attribute__((target("avx512f,avx512bw"))) void int8_rows_avx512(const float *x
                    a3 = _mm512_setzero_ps();
             const int8_t *r = q + n * K;
             for (int64_t k = 0; k < K; k += 16) {
+                if (k % 64 == 0)
+                    for (int i = 0; i < 4; i++)
+                        _mm_prefetch(reinterpret_cast<const char *>(r + (PF_ROWS + i) * K + k), _MM_HINT_T0);
                 const __m512 xv = _mm512_loadu_ps(xm + k);
                 a0 = _mm512_fmadd_ps(widen8(r + k), xv, a0);
                 a1 = _mm512_fmadd_ps(widen8(r + K + k), xv, a1);
@@ -218,6 +369,9 @@ bool has(const char *feature) {
     if (!std::strcmp(feature, "avx512bf16"))
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    if (!std::strcmp(feature, "avx512vnni"))
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     if (!std::strcmp(feature, "avx512")) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #endif
     (void)feature;
@@ -226,6 +380,7 @@ bool has(const char *feature) {
 
 // the path a call takes: 1 = vectorized, 0 = scalar (forced to 0 with path=0, for the tests)
 int64_t int4_path(int64_t g) { return (g % 32 == 0 && has("avx512bf16")) ? 1 : 0; }
+int64_t int4_a8_path(int64_t g) { return (g % 32 == 0 && has("avx512vnni")) ? 1 : 0; }
 int64_t int8_path(int64_t K) { return (K % 16 == 0 && has("avx512")) ? 1 : 0; }
 
 constexpr int64_t GRAIN = 64;  // rows a thread takes at least
@@ -265,6 +420,35 @@ at::Tensor int4_gemv(const at::Tensor &x_, const at::Tensor &qweight_, const at:
     return y;
 }
 
+// int8 activations per block of 8 (see quantize_a8): only where the CPU has AVX512-VNNI and g % 32 == 0
+at::Tensor int4_gemv_a8(const at::Tensor &x_, const at::Tensor &qweight_, const at::Tensor &scales_,
+                        const at::Tensor &zeros_, int64_t g) {
+    const int64_t N = qweight_.size(0), K = qweight_.size(1) * 2;
+    TORCH_CHECK(g > 0 && K % g == 0 && g % 2 == 0, "group size ", g, " does not divide K=", K);
+    TORCH_CHECK(int4_a8_path(g) == 1, "int4_gemv_a8 needs AVX512-VNNI and a group size that is a multiple of 32");
+    check_x(x_, K);
+    TORCH_CHECK(qweight_.scalar_type() == at::kByte, "qweight must be uint8");
+    TORCH_CHECK(scales_.sizes() == zeros_.sizes() && scales_.size(0) == N && scales_.size(1) == K / g,
+                "scales/zeros must be (N, K/g)");
+    TORCH_CHECK(scales_.scalar_type() == at::kBFloat16 && zeros_.scalar_type() == at::kBFloat16,
+                "scales/zeros must be bf16");
+    const at::Tensor x = x_.contiguous(), qw = qweight_.contiguous(), sc = scales_.contiguous(),
+                     ze = zeros_.contiguous();
+    const int64_t M = x.size(0);
+    at::Tensor y = at::empty({M, N}, x.options());
+    const auto *qp = qw.data_ptr<uint8_t>();
+    const auto *sp = reinterpret_cast<const uint16_t *>(sc.data_ptr());
+    const auto *zp = reinterpret_cast<const uint16_t *>(ze.data_ptr());
+    auto *yp = reinterpret_cast<uint16_t *>(y.data_ptr());
+#ifdef OAG_X86
+    const A8 a = quantize_a8(reinterpret_cast<const uint16_t *>(x.data_ptr()), M, K, g);
+    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+        int4_rows_vnni(a, qp, sp, zp, yp, M, N, K, g, n0, n1);
+    });
+#endif
+    return y;
+}
+
 at::Tensor int8_gemv(const at::Tensor &x_, const at::Tensor &qweight_, const at::Tensor &scales_, int64_t path) {
     const int64_t N = qweight_.size(0), K = qweight_.size(1);
     check_x(x_, K);
@@ -297,6 +481,8 @@ at::Tensor int8_gemv(const at::Tensor &x_, const at::Tensor &qweight_, const at:
 
 TORCH_LIBRARY(openautoglm, m) {
     m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, int path=-1) -> Tensor");
+    m.def("int4_gemv_a8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+    m.def("int4_gemv_a8_path(int group_size) -> int", [](int64_t g) { return int4_a8_path(g); });
     m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales, int path=-1) -> Tensor");
     m.def("int4_gemv_path(int group_size) -> int", [](int64_t g) { return int4_path(g); });
     m.def("int8_gemv_path(int K) -> int", [](int64_t k) { return int8_path(k); });
@@ -304,5 +490,6 @@ TORCH_LIBRARY(openautoglm, m) {
 
 TORCH_LIBRARY_IMPL(openautoglm, CPU, m) {
     m.impl("int4_gemv", &int4_gemv);
+    m.impl("int4_gemv_a8", &int4_gemv_a8);
     m.impl("int8_gemv", &int8_gemv);
 }

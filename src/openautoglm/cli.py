@@ -181,7 +181,7 @@ def cmd_eval(a) -> int:
     from .bench.quality import run_eval
 
     r = run_eval(a.model, reference=a.reference, text_file=a.text, n_tokens=a.tokens, ctx=a.ctx, dtype=a.dtype,
-                 peer=a.peer, progress=not a.quiet, opt=a.opt)
+                 peer=a.peer, progress=not a.quiet, opt=a.opt, decode=a.decode)
     if a.json:
         print(json.dumps(r.to_dict()))
         return 0
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="our runtime dtype for the model")
     e.add_argument("--peer", default=None, choices=["llama.cpp"], help="score a peer's logits on the same GGUF")
     e.add_argument("--opt", default="O0", help="optimize level of the scored model (the reference stays O0 fp32)")
+    e.add_argument("--decode", action="store_true",
+                   help="score every position one token a step, as generation computes it (the decode kernels)")
     e.add_argument("--json", action="store_true")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(func=cmd_eval)

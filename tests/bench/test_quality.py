@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from openautoglm import Engine
@@ -71,3 +72,16 @@ def test_eval_at_o1_scores_the_rewritten_model_like_o0(tiny_engine_dir, tmp_path
     assert abs(r.ppl - r.ppl_reference) / r.ppl_reference < 1e-4
     with pytest.raises(OptimizeLevelError):
         run_eval(str(tiny_engine_dir), text_file=str(f), n_tokens=128, ctx=64, progress=False, opt="O9")
+
+
+@pytest.mark.parametrize("opt", ["O0", "O1"])
+def test_eval_decode_scores_one_token_a_step_like_the_whole_window(tiny_engine_dir, tmp_path, opt):
+    # cached == uncached: position by position through the KV cache (O1: the planned cache, reused across
+    # windows) gives the whole-window logits of the O0 reference
+    from openautoglm.bench.quality import run_eval
+
+    f = tmp_path / "t.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 30)
+    r = run_eval(str(tiny_engine_dir), text_file=str(f), n_tokens=128, ctx=64, progress=False, opt=opt, decode=True)
+    assert r.model.endswith(" decode") and r.windows == 2
+    assert 0 <= r.kld_mean < 1e-6 and r.top1_agreement == 1.0

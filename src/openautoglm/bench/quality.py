@@ -20,10 +20,13 @@ from ..progress import Progress
 
 
 class OursScorer:
-    """Logits from our runtime (a loaded Engine), optionally cast to bf16."""
+    """Logits from our runtime (a loaded Engine), optionally cast to bf16. ``decode``: every position as generation
+    computes it, one token a step through the decode path (at O2/O3 the compiled step and its kernel choices,
+    which a whole-window forward, a prefill, never runs), the KV cache filled by the steps before."""
 
-    def __init__(self, engine, dtype: str = "fp32"):
+    def __init__(self, engine, dtype: str = "fp32", decode: bool = False):
         self.engine = engine
+        self.decode = decode
         if dtype == "bf16":
             engine.model.to(torch.bfloat16)
         elif dtype != "fp32":
@@ -38,14 +41,33 @@ class OursScorer:
         return sum(self.engine.info()["runtime_weight_bytes"].values())
 
     def logits(self, ids: list[int]) -> torch.Tensor:
+        if self.decode:
+            return self._decode_logits(ids)
         with torch.inference_mode():
             return self.engine.model(torch.tensor([ids]))[0].float()
+
+    def _decode_logits(self, ids: list[int]) -> torch.Tensor:
+        from ..runtime.kv_cache import KVCache
+
+        c, n = getattr(self.engine, "compiled", None), len(ids)
+        runner = c.runner if c is not None else self.engine.model
+        cache = c.cache if c is not None and c.cache is not None and c.cache.max_len >= n else None
+        if cache is None:
+            cache = KVCache.for_model(self.engine.model, 1, n)
+        else:  # the planned cache, at the attended length generation would use (the compiled step's bucket)
+            cache.select(None if cache.batch == 1 else torch.arange(1))
+            cache.static_len = min(-(-n // c.len_bucket) * c.len_bucket, cache.max_len) if c.len_bucket else None
+        out = []
+        with torch.inference_mode():
+            for t, tok in enumerate(ids):
+                out.append(runner(torch.tensor([[tok]]), torch.tensor([[t]]), cache)[0, -1].float())
+        return torch.stack(out)
 
 
 class LlamaCppScorer:
     """Logits from llama.cpp (llama-cpp-python) on a GGUF file: its own kernels and quantized dot products."""
 
-    def __init__(self, path: str | Path, ctx: int, threads: int | None = None):
+    def __init__(self, path: str | Path, ctx: int, threads: int | None = None, decode: bool = False):
         try:
             import llama_cpp
         except ImportError:
@@ -57,14 +79,19 @@ class LlamaCppScorer:
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
                                    n_threads=t, n_threads_batch=t, verbose=False)
         self._size = int(llama_cpp.llama_model_size(self.llm.model))
-        self.label = f"llama.cpp {self.path.name}"
+        self.label = f"llama.cpp {self.path.name}" + (" decode" if decode else "")
+        self.decode = decode
 
     def weight_bytes(self) -> int:
         return self._size
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         self.llm.reset()
-        self.llm.eval(ids)
+        if self.decode:  # one token a step: its decode path
+            for tok in ids:
+                self.llm.eval([tok])
+        else:
+            self.llm.eval(ids)
         return torch.from_numpy(self.llm.scores[: len(ids)].copy()).float()
 
 
@@ -151,9 +178,10 @@ def quantized_source(model: str) -> str | None:
 
 def run_eval(model: str, reference: str | None = None, text_file: str | None = None, n_tokens: int = 2048,
              ctx: int = 512, dtype: str = "fp32", peer: str | None = None, progress: bool = True,
-             opt: str = "O0") -> EvalResult:
+             opt: str = "O0", decode: bool = False) -> EvalResult:
     """``opt``: the optimize level the candidate is compiled at (its passes and O3's kernel choices then score
-    every window, as a prefill runs them); the reference is always O0 fp32."""
+    every window, as a prefill runs them); the reference is always O0 fp32. ``decode``: the candidate computes
+    every position one token a step, as generation does (the decode kernels: O3 may choose other kernels there)."""
     from ..data import evaluation_text
     from ..engine import Engine, resolve_level
     from ..errors import ModelNotFoundError
@@ -177,14 +205,16 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
     reference_scorer = OursScorer(ref_engine, "fp32")
     n_weights = count_weights(ref_engine.model)
     if peer == "llama.cpp":
-        cand = LlamaCppScorer(ref_engine.model_path if reference is None else model, ctx)
+        cand = LlamaCppScorer(ref_engine.model_path if reference is None else model, ctx, decode=decode)
     elif peer:
         raise InvalidParameterError(f"unknown peer {peer!r} (eval supports llama.cpp)")
-    elif reference is None and dtype == "fp32" and opt == "O0":
+    elif reference is None and dtype == "fp32" and opt == "O0" and not decode:
         cand = reference_scorer  # the model is its own reference
     else:
-        cand = OursScorer(Engine(model=model, progress=progress), dtype)
+        cand = OursScorer(Engine(model=model, progress=progress), dtype, decode=decode)
         if opt != "O0":
             cand.engine.compile(opt, max_len=ctx)
             cand.label += f" {cand.engine.optimize_level}"
+        if decode:
+            cand.label += " decode"
     return evaluate(cand, reference_scorer, tokens, n_tokens, ctx, n_weights, progress)

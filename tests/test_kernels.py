@@ -172,3 +172,66 @@ def test_gemv_rejects_bad_input():
         s16 = torch.ones(8, 4, dtype=torch.bfloat16)  # group size 16: no VNNI path
         with pytest.raises(RuntimeError, match="multiple of 32"):
             kernels.int4_gemv_a8(torch.randn(1, 64).bfloat16(), m.qweight, s16, s16, 16)
+
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+def _close_to_rounding(out: torch.Tensor, ref: torch.Tensor):
+    # fp32 scores, softmax and sums, then one rounding to the output dtype
+    ulp = {F32: 0.0, BF16: 2 ** -8, F16: 2 ** -11}[out.dtype]
+    err = (out.double() - ref).abs()
+    assert bool((err <= ref.abs() * ulp + 1e-6 * max(1.0, float(ref.abs().max()))).all()), float(err.max())
+
+
+@pytest.mark.parametrize("qdt,kvdt", [(F32, F32), (BF16, BF16), (F16, F16), (F32, F16), (F32, BF16)])
+@pytest.mark.parametrize("B,H,KV,S,D", [(1, 9, 3, 384, 64),  # SmolLM2: 3 query heads a kv head
+                                        (2, 14, 2, 200, 64),  # 7 a kv head: groups of 4 and 3
+                                        (3, 16, 1, 37, 128),  # 16: four groups of 4
+                                        (2, 5, 1, 133, 32),  # 5: groups of 3 and 2
+                                        (2, 4, 4, 19, 72)])  # D = 72: not a multiple of 16, scalar only
+def test_decode_attention_matches_sdpa(qdt, kvdt, B, H, KV, S, D):
+    _ops()
+    g = torch.Generator().manual_seed(S + D)
+    # k/v: views of a longer cache (strided); q: a transpose, as the model makes it
+    kc, vc = (torch.randn(B, KV, S + 7, D, generator=g).to(kvdt) for _ in range(2))
+    k, v = kc[:, :, :S], vc[:, :, :S]
+    q = torch.randn(B, 1, H, D, generator=g).to(qdt).transpose(1, 2)
+    pos = torch.randint(2, S, (B, 1), generator=g)
+    pos[0] = S - 1
+    mask = torch.arange(S)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, 1, S)
+    mask[-1, ..., : int(pos[-1]) // 2] = False  # the last row does not attend its first half (whole chunks)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                           enable_gqa=True)
+    # stale values in the slots the mask excludes must not leak (SDPA itself would give NaN here)
+    hidden = ~mask.expand(B, KV, 1, S)[:, :, 0]  # (B, KV, S)
+    k[hidden], v[hidden] = float("nan"), float("nan")
+    best = {"scalar": 0, "avx512": 1}[kernels.attention_path(D)]
+    for path in range(best + 1):
+        out = kernels.decode_attention(q, k, v, mask, path=path)
+        assert out.shape == (B, H, 1, D) and out.dtype == qdt
+        _close_to_rounding(out, ref)
+    if B > 1:  # a planned cache with more rows than the step runs (row b reads row b)
+        assert torch.equal(kernels.decode_attention(q[:1], k, v, mask[:1]), kernels.decode_attention(q, k, v, mask)[:1])
+    # a mask broadcast over rows, and an explicit scale
+    m1 = torch.ones(1, 1, 1, S, dtype=torch.bool)
+    kc.nan_to_num_(0.0), vc.nan_to_num_(0.0)
+    ref1 = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m1,
+                                                            scale=0.3, enable_gqa=True)
+    _close_to_rounding(kernels.decode_attention(q, k, v, m1, scale=0.3), ref1)
+
+
+def test_decode_attention_rejects_bad_input():
+    _ops()
+    q, k, mask = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16), torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="q must be"):
+        kernels.decode_attention(torch.randn(1, 4, 2, 16), k, k, mask)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernels.decode_attention(q, k, k.bfloat16(), mask)
+    with pytest.raises(RuntimeError, match="do not match"):
+        kernels.decode_attention(torch.randn(1, 3, 1, 16), k, k, mask)
+    with pytest.raises(RuntimeError, match="mask must be"):
+        kernels.decode_attention(q, k, k, mask.float())
+    with pytest.raises(RuntimeError, match="last dimension"):
+        kt = torch.randn(1, 2, 16, 8).transpose(2, 3)  # (1, 2, 8, 16), strided along D
+        kernels.decode_attention(q, kt, kt, mask)

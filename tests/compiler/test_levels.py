@@ -26,7 +26,7 @@ def _same_greedy(e0, e1, level, prompt, max_tokens=20):
         assert float(lg[a[i]] - lg[b[i]]) <= TOL[level] * float(lg.abs().max()), (level, prompt, i)
 
 
-@pytest.mark.parametrize("prefer", ["native", "bf16", "w8a8", "gemv", "gemv-a8"])
+@pytest.mark.parametrize("prefer", ["native", "bf16", "w8a8", "gemv", "gemv-a8", "decode"])
 def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch, prefer):
     # force the selector's hand (timings rigged so `prefer` wins wherever it is eligible): every choice it can
     # make must keep O0's greedy tokens
@@ -44,8 +44,13 @@ def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch,
     monkeypatch.setattr(autotune, "cache_file", lambda: oag_cache / f"autotune-{prefer}.json")
     scheme = "int8" if prefer == "w8a8" else "int4-g32"
     e0, e1 = _engine(tiny_engine_dir, scheme), _engine(tiny_engine_dir, scheme, "O3")
-    picked = {c for v in e1.info()["compile"]["autotune"]["choices"].values() for c in v}
+    tuned = e1.info()["compile"]["autotune"]
+    picked = {c for v in tuned["choices"].values() for c in v} | {tuned["attention"]}
     assert prefer in picked
+    if prefer == "decode":  # our decode attention operator in every layer, inside the compiled decode step
+        from openautoglm.compiler.autotune import DecodeAttention
+
+        assert sum(isinstance(m, DecodeAttention) for m in e1.model.modules()) == e1.model.config.num_hidden_layers
     if second:  # and so builds no CPU pack, and the plan counts none
         assert {"native"}.isdisjoint(c for k, v in e1.info()["compile"]["autotune"]["choices"].items()
                                      if k.startswith("int4") for c in v)
@@ -140,7 +145,8 @@ def test_corrupt_autotune_cache_falls_back(tiny_engine_dir, oag_cache):
     d = json.loads(f.read_text())  # rewritten, valid
     assert any(k.startswith("threads|") for k in d)
     # entries naming kernels this version does not know are ignored too
-    d = {k: ({"native": v["native"], "bogus": 0.0} if isinstance(v, dict) else v) for k, v in d.items()}
+    d = {k: ({**{n: t for n, t in v.items() if n in ("native", "sdpa")}, "bogus": 0.0} if isinstance(v, dict) else v)
+         for k, v in d.items()}
     f.write_text(json.dumps(d))
     e2 = _engine(tiny_engine_dir, "int8", "O3")
     assert e2.generate("Hello", max_tokens=10, ignore_eos=True)[0].token_ids == \

@@ -20,7 +20,6 @@ Each pass lives in ``passes/`` (one per file), rewrites a model in place, and ha
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import time
@@ -76,20 +75,23 @@ def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = N
         return Compiled("O0", model)
     passes = run_passes(model)
     max_len = min(max_len or 2048, model.config.max_position_embeddings)
-    dtype = activation_dtype(model)
-    plan = memory_plan.plan(model, max_batch, max_len, min(prefill_tokens, max_len), dtype)
-    cache = KVCache.for_model(model, max_batch, max_len, dtype=dtype)
+    prefill_tokens = min(prefill_tokens, max_len)
+    dtype = kv_dtype = activation_dtype(model)
+    autotune = {}
+    if level == "O3":
+        from .autotune import tune_model
+
+        autotune = tune_model(model, max_batch=max_batch, prefill_tokens=prefill_tokens, progress=progress,
+                              kv_len=max_len)
+        if autotune["attention"] == "decode" and dtype == torch.float32:
+            kv_dtype = torch.float16  # what the decode attention was tuned on: half the cache's bytes to read
+    # (after tuning: layers whose choices all read the portable codes build no CPU pack)
+    plan = memory_plan.plan(model, max_batch, max_len, prefill_tokens, dtype, kv_dtype)
+    cache = KVCache.for_model(model, max_batch, max_len, dtype=kv_dtype)
     out = Compiled(level, model, passes, plan, cache)
     if level in ("O2", "O3"):
         from .compiled import CompiledLM
 
-        autotune = {}
-        if level == "O3":
-            from .autotune import tune_model
-
-            autotune = tune_model(model, max_batch=max_batch, prefill_tokens=plan.prefill_tokens, progress=progress)
-            # layers whose choices all read the portable codes build no CPU pack
-            plan = out.plan = dataclasses.replace(plan, pack_bytes=memory_plan.pack_bytes(model))
         out.runner = CompiledLM(model, cache, cache_dir=cache_root() / "aoti")
         out.len_bucket = LEN_BUCKET
         out.autotune = autotune

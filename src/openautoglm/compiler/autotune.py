@@ -15,6 +15,10 @@ planned batch; prefill: the planned chunk) it times the implementations this CPU
   (where the CPU has AVX512-VNNI), as llama.cpp's Q4 x Q8 (blocks of 32 there). Int4 layers that never run their native kernel
   (``gemv``/``gemv-a8`` at decode, ``bf16-dq`` at prefill) build no CPU pack at all.
 
+Attention is tuned the same way (``tune_attention``): SDPA against our ``decode_attention`` operator for decode's
+one query position a row (each kv head's K and V read once for its query heads, only the slots the mask allows,
+rows split into chunks over the threads), which reads an fp16 cache where the activations are fp32.
+
 A candidate is eligible only if its output stays within the quality budget: relative error against the
 layer's dequantize-then-matmul reference at most ``QUALITY_BUDGET`` (the bf16-activation level every
 weight-only kernel already has), measured on inputs with outlier channels. The fastest eligible one is kept.
@@ -36,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.layers import Attention, attention
 from ..progress import Progress
 
 QUALITY_BUDGET = 1e-2
@@ -45,6 +50,7 @@ QUALITY_BUDGET = 1e-2
 COPY_MIN_GAIN = 0.25
 DECODE_MAX = 16  # token counts up to this use the decode choice
 DECODE_ONLY = ("gemv", "gemv-a8")
+FEWER_THREADS_GAIN = 0.1
 
 
 def cpu_key() -> str:
@@ -167,6 +173,58 @@ class GemvLinear(nn.Module):
         return y.reshape(*x.shape[:-1], m.out_features).to(x.dtype)
 
 
+class DecodeAttention(nn.Module):
+    """O3's attention: the ``decode_attention`` operator (``kernels/gemv.cpp``) for one query position a row, SDPA
+    for more (prefill). Replaces a layer's ``Attention``; static under compilation (the branch is on the shape)."""
+
+    def forward(self, q, k, v, mask, scale=None):
+        if q.shape[2] != 1:
+            return attention(q, k, v, mask, scale)
+        o = torch.ops.openautoglm.decode_attention(q, k, v, mask, scale)
+        B, H, _, D = o.shape
+        return o.reshape(B, 1, H * D)
+
+
+def tune_attention(model: nn.Module, batch: int, kv_len: int, cache: dict, key_base: str) -> str:
+    """Time SDPA and our decode attention on the model's attention shape at the planned batch and cache length,
+    keep the faster one within the quality budget, and install it. Returns the choice. SDPA reads a cache in the
+    activation dtype; the decode attention, with fp32 activations, an fp16 cache (half the bytes a step reads; its
+    rounding is part of the measured error), which the compiler then plans."""
+    from .. import kernels
+
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, (Attention, DecodeAttention))]
+    cfg = model.config
+    H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if not mods or not kernels.attention_path(D):
+        return "sdpa"
+    from ..runtime.kv_cache import activation_dtype
+
+    dt = activation_dtype(model)
+    key = f"attention|{batch}x{H}x{KV}x{kv_len}x{D}|{dt}|{key_base}|threads:{torch.get_num_threads()}|sdpa,decode-f16"
+    if not isinstance(cache.get(key), dict):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(batch, H, 1, D, generator=g).to(dt)
+        k, v = (torch.randn(batch, KV, kv_len, D, generator=g).to(dt) for _ in range(2))
+        # decode attends up to its position: the last quarter of the cache is not filled yet
+        mask = (torch.arange(kv_len) < max(1, kv_len * 3 // 4)).expand(batch, 1, 1, kv_len)
+        ref = attention(q.double(), k.double(), v.double(), mask)
+        kv16 = torch.float16 if dt == torch.float32 else dt
+        res = {}
+        for name, mod, kk, vv in (("sdpa", Attention(), k, v), ("decode", DecodeAttention(), k.to(kv16), v.to(kv16))):
+            with torch.inference_mode():
+                err = float((mod(q, kk, vv, mask).double() - ref).norm() / ref.norm())
+            f = _named(lambda x, mod=mod, kk=kk, vv=vv: mod(x, kk, vv, mask), name)
+            res[name] = _time(f, q, reps=20) if err <= QUALITY_BUDGET else None
+        cache[key] = res
+    ok = {n: t for n, t in cache[key].items() if t is not None and n in ("sdpa", "decode")}
+    pick = min(ok, key=ok.get) if ok else "sdpa"
+    from ..quant.api import set_module
+
+    for name, _ in mods:
+        set_module(model, name, DecodeAttention() if pick == "decode" else Attention())
+    return pick
+
+
 def implementations(mod) -> dict:
     """name -> (make(mod) -> module with the layer's call signature, extra bytes it holds)."""
     out = {"native": (lambda m: m, 0)}
@@ -243,24 +301,60 @@ def _linears(model):
             yield name, mod
 
 
+def _decode_pass(model, batch: int):
+    """One pass over every linear in model order at decode's row count, each with the decode kernel that needs
+    no CPU pack (our GEMV operators where they apply): the weights stream from memory as in a real step, which
+    timing one layer again and again (cache-resident) does not show."""
+    from .. import kernels
+
+    fns = []
+    for _, m in _linears(model):
+        f = m.forward
+        if type(m).__name__ == "IntxLinear" and m.bits == 4 and kernels.load_ops():
+            f = GemvLinear(m, a8=bool(kernels.gemv_path("int4-a8", m.group_size))).forward
+        elif type(m).__name__ == "Int8Linear" and kernels.load_ops():
+            f = GemvLinear(m).forward
+        fns.append((f, _probe_input(batch, m.in_features)))
+
+    def run(_):
+        for f, x in fns:
+            f(x)
+    return run
+
+
 def tune_threads(model, batch: int, cache: dict, key_base: str) -> int:
-    n_cpu = os.cpu_count() or 1
-    key = f"threads|{key_base}|cpus:{n_cpu}"
+    """The intra-op thread count for decode, up to the one set when tuning starts (the user's, or the cores): the
+    fastest pass over all the model's linears (min of 6, in two blocks per count), fewer threads only when at least ``FEWER_THREADS_GAIN``
+    faster (memory-bound decode gains from every core; one noisy timing must not halve it)."""
+    top = torch.get_num_threads()
+    key = f"threads|{key_base}|cpus:{os.cpu_count() or 1}|max:{top}"
     if key in cache:
         return int(cache[key])
-    mods = list({(_fmt(m), m.out_features, m.in_features): m for _, m in _linears(model)}.values())
-    best, best_t = torch.get_num_threads(), float("inf")
-    for t in sorted({1, max(1, n_cpu // 2), n_cpu}):
-        torch.set_num_threads(t)
-        total = sum(_time(m.forward, _probe_input(batch, m.in_features), reps=3) for m in mods)
-        if total < best_t:
-            best, best_t = t, total
+    run = _decode_pass(model, batch)
+    cands = sorted({1, max(1, top // 2), top}, reverse=True)
+    times = {t: float("inf") for t in cands}
+    with torch.inference_mode():
+        # two blocks per count, in turn, so that a noisy stretch of the shared machine spoils at most one block
+        # of each; a block's first pass after switching counts warms the thread pool up and is not timed
+        for _ in range(2):
+            for t in cands:
+                torch.set_num_threads(t)
+                run(None)
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    run(None)
+                    times[t] = min(times[t], time.perf_counter() - t0)
+    torch.set_num_threads(top)
+    best = top
+    for t in sorted(times, reverse=True):
+        if times[t] < times[best] * (1 - FEWER_THREADS_GAIN):
+            best = t
     cache[key] = best
     return best
 
 
 def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, memory_budget: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, kv_len: int = 512) -> dict:
     """Choose and install an implementation per linear and bucket. Returns a summary (also in ``info()``)."""
     from .memory_plan import weight_bytes
 
@@ -327,7 +421,8 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
         if used + cost <= budget:
             granted[(name, bucket)] = best
             used += cost
-    summary = {"threads": threads, "extra_bytes": used, "choices": {}}
+    summary = {"threads": threads, "extra_bytes": used, "choices": {},
+               "attention": tune_attention(model, max_batch, kv_len, cache, base)}
     from ..quant.api import set_module
 
     for name, mod in layers:

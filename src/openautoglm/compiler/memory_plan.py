@@ -28,6 +28,7 @@ class MemoryPlan:
     kv_cache_bytes: int
     activation_bytes: int
     pack_bytes: int = 0
+    kv_dtype: str = "float32"
 
     @property
     def total_bytes(self) -> int:
@@ -83,9 +84,12 @@ def activation_bytes(cfg, tokens: int, rows_with_logits: int, dtype_bytes: int) 
     return tokens * (2 * D + widest) * dtype_bytes + rows_with_logits * cfg.vocab_size * 4
 
 
-def plan(model, max_batch: int, max_len: int, prefill_tokens: int, dtype=torch.float32) -> MemoryPlan:
+def plan(model, max_batch: int, max_len: int, prefill_tokens: int, dtype=torch.float32, kv_dtype=None) -> MemoryPlan:
+    """``dtype``: the activations'; ``kv_dtype``: the cache's (default: the activations')."""
     cfg = model.config
-    dt = torch.empty(0, dtype=dtype).element_size()
-    kv = cfg.num_hidden_layers * 2 * max_batch * cfg.num_key_value_heads * max_len * cfg.head_dim * dt
+    kv_dtype = kv_dtype or dtype
+    dt, kdt = torch.empty(0, dtype=dtype).element_size(), torch.empty(0, dtype=kv_dtype).element_size()
+    kv = cfg.num_hidden_layers * 2 * max_batch * cfg.num_key_value_heads * max_len * cfg.head_dim * kdt
     act = max(activation_bytes(cfg, prefill_tokens, max_batch, dt), activation_bytes(cfg, max_batch, max_batch, dt))
-    return MemoryPlan(max_batch, max_len, prefill_tokens, weight_bytes(model), kv, act, pack_bytes(model))
+    return MemoryPlan(max_batch, max_len, prefill_tokens, weight_bytes(model), kv, act, pack_bytes(model),
+                      str(kv_dtype).replace("torch.", ""))

@@ -161,6 +161,29 @@ def _register_fakes() -> None:
     def _(x, qweight, scales, path=-1):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
+    @torch.library.register_fake("openautoglm::decode_attention")
+    def _(q, k, v, mask, scale=None, path=-1):
+        return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+
+
+def attention_path(head_dim: int) -> str:
+    """The code path :func:`decode_attention` takes on this CPU for ``head_dim``: 'avx512' or 'scalar' ('' without
+    the operators)."""
+    if not load_ops():
+        return ""
+    return ("scalar", "avx512")[torch.ops.openautoglm.decode_attention_path(head_dim)]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None = None, path: int = -1) -> torch.Tensor:
+    """Attention of one query position a row over the cache: q (B, H, 1, D), k/v (B, KV, S, D) fp32 or bf16
+    (views of the cache: only the last dimension need be contiguous; more rows than B are allowed, and row b of q
+    reads row b), mask (B or 1, 1, 1, S) bool -> (B, H, 1, D)
+    in q's dtype. What ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` computes,
+    with fp32 scores and softmax, over the slots up to the last allowed one only, each kv head's K and V read once
+    for all of its query heads. A row whose mask allows nothing gives zeros (SDPA: NaN)."""
+    return torch.ops.openautoglm.decode_attention(q, k, v, mask, scale, path)
+
 
 def gemv_path(kind: str, arg: int) -> str:
     """The code path a call takes on this CPU: 'avx512' or 'scalar' ('' without the operators). ``kind`` is

@@ -1,5 +1,6 @@
-// Weight-only GEMV kernels for decode (a few rows of activations against int4 / int8 weights), registered as
-// torch operators so that AOTInductor's compiled decode step calls them through the dispatcher.
+// Decode kernels, registered as torch operators so that AOTInductor's compiled decode step calls them through the
+// dispatcher: weight-only GEMVs (a few rows of activations against int4 / int8 weights) and the attention of one
+// query position over the KV cache.
 //
 // openautoglm::int4_gemv(x (M, K) bf16, qweight (N, K/2) uint8, scales (N, K/g) bf16, zeros (N, K/g) bf16, g)
 //     -> (M, N) bf16.  Portable int4 layout (quant/primitives.py): code k of a row in the low nibble of byte k/2 when
@@ -12,15 +13,22 @@
 // expanded to bf16 (q - 8) by a 32-entry table lookup and multiplied in pairs with the bf16 activations, which
 // lie in memory in exactly the pairs the nibbles of a byte hold), a scalar path elsewhere.  Rows are split over
 // torch's intra-op threads.
+//
+// openautoglm::decode_attention(q (B, H, 1, D), k, v (B, KV, S, D), mask (B, 1, 1, S) bool, scale?) -> (B, H, 1, D):
+//     SDPA with enable_gqa for one query position (see the section below).  At decode, torch's flash attention costs
+//     ~90 us a call here for ~0.5 M multiply-adds (fixed per-call work, every kv head re-read per query head, all S
+//     slots); this reads each kv head once per group of query heads, and only up to the last allowed slot.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -363,6 +371,214 @@ __attribute__((target("avx512f,avx512bw"))) void int8_rows_avx512(const float *x
 }
 #endif
 
+// ---- decode attention: one query position per row against the cache ----
+// A work item is (row b, kv head, group of up to 4 of its query heads, chunk of slots): K and V are read once for
+// all the heads of a group (grouped-query attention, as SDPA's enable_gqa: query head h reads kv head h / (H/KV)).
+// Each item leaves, per head, its chunk's running max m, sum of exp l and unnormalized output o; the chunks of a
+// row are merged afterwards (flash-decoding), so a row of few kv heads still spreads over the threads. Slots past
+// the last one the mask allows are not read; masked ones before it are excluded. Scores, softmax and sums in fp32;
+// K and V fp32, bf16 or fp16 (a strided view of the cache: only the last dimension must be contiguous).
+enum Dt : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct AttnArgs {
+    const void *q, *k, *v;
+    const bool *mask;
+    Dt qt, kvt;
+    int64_t B, H, KV, S, D;
+    int64_t qs0, qs1;       // q strides (elements) over b, h
+    int64_t ks0, ks1, ks2;  // k strides over b, kv head, slot
+    int64_t vs0, vs1, vs2;
+    int64_t ms0, ms3;       // mask strides over b, slot (0 where broadcast)
+    float scale;
+};
+// (args, b, first query head, its count, slots [j0, j1), scratch for scores, partials: per head o[D], m, l)
+using AttnItem = void (*)(const AttnArgs &, int64_t, int64_t, int64_t, int64_t, int64_t, float *, float *);
+
+inline float ld(const void *p, int64_t i, Dt t) {
+    if (t == BF16) return bf(static_cast<const uint16_t *>(p)[i]);
+    if (t == F16) return static_cast<float>(static_cast<const c10::Half *>(p)[i]);
+    return static_cast<const float *>(p)[i];
+}
+
+// the slots a row reads are [0, last allowed + 1)
+int64_t attn_extent(const AttnArgs &a, int64_t b) {
+    const bool *m = a.mask + b * a.ms0;
+    for (int64_t j = a.S - 1; j >= 0; j--)
+        if (m[j * a.ms3]) return j + 1;
+    return 0;
+}
+
+void attn_scalar(const AttnArgs &a, int64_t b, int64_t h0, int64_t gb, int64_t j0, int64_t j1, float *sc,
+                 float *part) {
+    const int64_t kvh = h0 / (a.H / a.KV), D = a.D;
+    const bool *m = a.mask + b * a.ms0;
+    const int64_t ko = b * a.ks0 + kvh * a.ks1, vo = b * a.vs0 + kvh * a.vs1;
+    for (int64_t g = 0; g < gb; g++) {
+        const int64_t qo = b * a.qs0 + (h0 + g) * a.qs1;
+        float *o = part + g * (D + 2), mx = -INFINITY, l = 0.f;
+        for (int64_t j = j0; j < j1; j++) {
+            if (!m[j * a.ms3]) continue;
+            float s = 0.f;
+            for (int64_t d = 0; d < D; d++) s += ld(a.q, qo + d, a.qt) * ld(a.k, ko + j * a.ks2 + d, a.kvt);
+            sc[j - j0] = s * a.scale;
+            mx = std::max(mx, sc[j - j0]);
+        }
+        for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+        for (int64_t j = j0; j < j1; j++) {
+            if (!m[j * a.ms3]) continue;
+            const float p = std::exp(sc[j - j0] - mx);
+            l += p;
+            for (int64_t d = 0; d < D; d++) o[d] += p * ld(a.v, vo + j * a.vs2 + d, a.kvt);
+        }
+        o[D] = mx, o[D + 1] = l;
+    }
+}
+
+#ifdef OAG_X86
+#define OAG_F512 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline
+
+OAG_F512 __m512 ld16(const void *p, int64_t i, Dt t) {
+    if (t == F32) return _mm512_loadu_ps(static_cast<const float *>(p) + i);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const uint16_t *>(p) + i));
+    if (t == F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// e^x for x <= 0 (lanes below -87 give 0): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6 (~1e-7)
+OAG_F512 __m512 exp_neg(__m512 x) {
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~tiny), p, n);
+}
+
+constexpr int64_t ATTN_PF = 8;  // slots ahead
+
+// C = D / 16 chunks of a head, GB query heads h0.. of one kv head: the queries and outputs stay in registers.
+// sc: GB * (j1 - j0 + 16) floats of scratch
+template <int C, int GB>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void attn_avx512(const AttnArgs &a, int64_t b, int64_t h0,
+                                                                     int64_t, int64_t j0, int64_t j1, float *sc,
+                                                                     float *part) {
+    const int64_t kvh = h0 / (a.H / a.KV), n = j1 - j0, SS = n + 16, D = a.D;
+    const bool *m = a.mask + b * a.ms0 + j0 * a.ms3;
+    const int64_t ko = b * a.ks0 + kvh * a.ks1 + j0 * a.ks2, vo = b * a.vs0 + kvh * a.vs1 + j0 * a.vs2;
+    __m512 q[GB][C];
+    for (int g = 0; g < GB; g++)
+        for (int c = 0; c < C; c++)
+            q[g][c] = _mm512_mul_ps(ld16(a.q, b * a.qs0 + (h0 + g) * a.qs1 + 16 * c, a.qt), _mm512_set1_ps(a.scale));
+    // scores, four slots at a time. The cache comes from memory (it is larger than L2 over all layers) in short
+    // per-head runs the hardware prefetcher barely ramps up on: K rows are prefetched ATTN_PF slots ahead, and the V
+    // rows too, into L2, for the weighted sum that follows
+    const int64_t esz = a.kvt == F32 ? 4 : 2, row = D * esz;
+    const char *kb = static_cast<const char *>(a.k) + ko * esz, *vb = static_cast<const char *>(a.v) + vo * esz;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const int64_t k0 = ko + j * a.ks2;
+        for (int64_t r = j + ATTN_PF; r < std::min(j + ATTN_PF + 4, n); r++)
+            for (int64_t off = 0; off < row; off += 64) {
+                _mm_prefetch(kb + r * a.ks2 * esz + off, _MM_HINT_T0);
+                _mm_prefetch(vb + r * a.vs2 * esz + off, _MM_HINT_T1);
+            }
+        for (int g = 0; g < GB; g++) {
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            for (int c = 0; c < C; c++) {
+                s0 = _mm512_fmadd_ps(q[g][c], ld16(a.k, k0 + 16 * c, a.kvt), s0);
+                s1 = _mm512_fmadd_ps(q[g][c], ld16(a.k, k0 + a.ks2 + 16 * c, a.kvt), s1);
+                s2 = _mm512_fmadd_ps(q[g][c], ld16(a.k, k0 + 2 * a.ks2 + 16 * c, a.kvt), s2);
+                s3 = _mm512_fmadd_ps(q[g][c], ld16(a.k, k0 + 3 * a.ks2 + 16 * c, a.kvt), s3);
+            }
+            _mm_storeu_ps(sc + g * SS + j, reduce4(s0, s1, s2, s3));
+        }
+    }
+    for (; j < n; j++)
+        for (int g = 0; g < GB; g++) {
+            __m512 s = _mm512_setzero_ps();
+            for (int c = 0; c < C; c++) s = _mm512_fmadd_ps(q[g][c], ld16(a.k, ko + j * a.ks2 + 16 * c, a.kvt), s);
+            sc[g * SS + j] = _mm512_reduce_add_ps(s);
+        }
+    // exp(s - max) over the allowed slots (the others get weight 0)
+    for (int g = 0; g < GB; g++) {
+        float *sg = sc + g * SS, mx = -INFINITY;
+        if (a.ms3 == 1) {  // the mask's bytes 16 at a time
+            __m512 mv = _mm512_set1_ps(-INFINITY);
+            for (j = 0; j < n; j += 16) {
+                const __mmask16 t = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+                const __m128i mb = _mm_maskz_loadu_epi8(t, m + j);
+                const __mmask16 ok = _mm_test_epi8_mask(mb, mb);
+                mv = _mm512_mask_max_ps(mv, ok, mv, _mm512_maskz_loadu_ps(ok, sg + j));
+                _mm512_mask_storeu_ps(sg + j, t & ~ok, _mm512_set1_ps(-INFINITY));
+            }
+            mx = _mm512_reduce_max_ps(mv);
+        } else {
+            for (j = 0; j < n; j++)
+                if (m[j * a.ms3]) mx = std::max(mx, sg[j]);
+                else sg[j] = -INFINITY;
+        }
+        __m512 sum = _mm512_setzero_ps();
+        const __m512 mxv = _mm512_set1_ps(mx);
+        for (j = 0; j < n; j += 16) {
+            const __mmask16 t = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+            const __m512 s = _mm512_maskz_loadu_ps(t, sg + j);
+            const __mmask16 valid = _mm512_mask_cmp_ps_mask(t, s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            const __m512 p = _mm512_maskz_mov_ps(valid, exp_neg(_mm512_sub_ps(s, mxv)));
+            _mm512_mask_storeu_ps(sg + j, t, p);
+            sum = _mm512_add_ps(sum, p);
+        }
+        part[g * (D + 2) + D] = mx;
+        part[g * (D + 2) + D + 1] = _mm512_reduce_add_ps(sum);
+    }
+    __m512 o[GB][C];
+    for (int g = 0; g < GB; g++)
+        for (int c = 0; c < C; c++) o[g][c] = _mm512_setzero_ps();
+    for (j = 0; j < n; j++) {
+        if (j + ATTN_PF < n)
+            for (int64_t off = 0; off < row; off += 64) _mm_prefetch(vb + (j + ATTN_PF) * a.vs2 * esz + off, _MM_HINT_T0);
+        if (!m[j * a.ms3]) continue;
+        const int64_t v0 = vo + j * a.vs2;
+        for (int c = 0; c < C; c++) {
+            const __m512 vv = ld16(a.v, v0 + 16 * c, a.kvt);
+            for (int g = 0; g < GB; g++) o[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(sc[g * SS + j]), vv, o[g][c]);
+        }
+    }
+    for (int g = 0; g < GB; g++)
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(part + g * (D + 2) + 16 * c, o[g][c]);
+}
+
+template <int C>
+AttnItem attn_avx512_gb(int64_t gb) {
+    switch (gb) {
+        case 1: return attn_avx512<C, 1>;
+        case 2: return attn_avx512<C, 2>;
+        case 3: return attn_avx512<C, 3>;
+        default: return attn_avx512<C, 4>;
+    }
+}
+
+// the vectorized kernel for this head size and group of query heads (1-4), or nullptr (the scalar path)
+AttnItem attn_avx512_for(int64_t D, int64_t gb) {
+    switch (D) {
+        case 16: return attn_avx512_gb<1>(gb);
+        case 32: return attn_avx512_gb<2>(gb);
+        case 64: return attn_avx512_gb<4>(gb);
+        case 80: return attn_avx512_gb<5>(gb);
+        case 96: return attn_avx512_gb<6>(gb);
+        case 128: return attn_avx512_gb<8>(gb);
+        case 256: return attn_avx512_gb<16>(gb);
+        default: return nullptr;
+    }
+}
+#endif
+
 bool has(const char *feature) {
 #ifdef OAG_X86
     __builtin_cpu_init();
@@ -382,8 +598,17 @@ bool has(const char *feature) {
 int64_t int4_path(int64_t g) { return (g % 32 == 0 && has("avx512bf16")) ? 1 : 0; }
 int64_t int4_a8_path(int64_t g) { return (g % 32 == 0 && has("avx512vnni")) ? 1 : 0; }
 int64_t int8_path(int64_t K) { return (K % 16 == 0 && has("avx512")) ? 1 : 0; }
+int64_t attn_path(int64_t D) {
+#ifdef OAG_X86
+    if (has("avx512") && attn_avx512_for(D, 1) != nullptr) return 1;
+#endif
+    (void)D;
+    return 0;
+}
 
 constexpr int64_t GRAIN = 64;  // rows a thread takes at least
+constexpr int64_t ATTN_GRAIN = 16384;
+constexpr int64_t ATTN_MIN_SLOTS = 64;
 
 void check_x(const at::Tensor &x, int64_t K) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, ", K, "), got ", x.sizes());
@@ -477,6 +702,93 @@ at::Tensor int8_gemv(const at::Tensor &x_, const at::Tensor &qweight_, const at:
     return y;
 }
 
+Dt dt_of(const at::Tensor &t) {
+    return t.scalar_type() == at::kBFloat16 ? BF16 : t.scalar_type() == at::kHalf ? F16 : F32;
+}
+
+bool attn_dtype(const at::Tensor &t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+// q (B, H, 1, D), k/v (>= B, KV, S, D) (views of the cache: only the last dimension must be contiguous; row b of
+// q reads row b), mask (B or 1, 1, 1, S) bool, True where a query may attend -> (B, H, 1, D) in q's dtype: SDPA
+// with a boolean mask and enable_gqa, for one query position. A row whose mask allows nothing gives zeros (SDPA:
+// NaN).
+at::Tensor decode_attention(const at::Tensor &q_, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
+                            std::optional<double> scale, int64_t path) {
+    TORCH_CHECK(q_.dim() == 4 && q_.size(2) == 1, "q must be (B, H, 1, D), got ", q_.sizes());
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "k and v must both be (B, KV, S, D), got ", k.sizes(), " and ",
+                v.sizes());
+    const int64_t B = q_.size(0), H = q_.size(1), D = q_.size(3), KV = k.size(1), S = k.size(2);
+    // k/v may hold more rows than q: AOTInductor passes a planned cache's rows 0..B-1 as the whole cache when the
+    // batch is dynamic
+    TORCH_CHECK(k.size(0) >= B && k.size(3) == D && KV > 0 && H % KV == 0, "k/v ", k.sizes(), " do not match q ",
+                q_.sizes());
+    TORCH_CHECK(attn_dtype(q_), "q must be fp32, bf16 or fp16");
+    TORCH_CHECK(k.scalar_type() == v.scalar_type() && attn_dtype(k), "k and v must have one dtype: fp32, bf16 or fp16");
+    TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k and v must be contiguous in their last dimension");
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == B || mask.size(0) == 1) &&
+                    mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == S,
+                "mask must be (B, 1, 1, S) bool, got ", mask.sizes());
+    const at::Tensor q = q_.contiguous();
+    at::Tensor out = at::empty({B, H, 1, D}, q.options());
+    const AttnArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr<bool>(), dt_of(q), dt_of(k),
+                     B, H, KV, S, D, H * D, D, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                     v.stride(2), mask.size(0) == 1 ? 0 : mask.stride(0), mask.stride(3),
+                     static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D)))};
+    const int64_t use = path < 0 ? attn_path(D) : std::min(path, attn_path(D));
+    // items: (row, kv head, group of up to 4 query heads, chunk of slots); groups as even as they can be, and
+    // rows cut into chunks of at least ATTN_MIN_SLOTS until a row has two items a thread (not more for more rows:
+    // a row's result does not depend on the batch it runs in)
+    const int64_t G = H / KV, NG = (G + 3) / 4, gb = (G + NG - 1) / NG, last = G - (NG - 1) * gb;
+    const int64_t T = at::get_num_threads(), per_row = KV * NG;
+    const int64_t P = std::max<int64_t>(1, std::min((2 * T + per_row - 1) / per_row, S / ATTN_MIN_SLOTS));
+    AttnItem full = nullptr, tail = nullptr;
+#ifdef OAG_X86
+    if (use == 1) full = attn_avx512_for(D, gb), tail = attn_avx512_for(D, last);
+#endif
+    std::vector<float> part(B * P * H * (D + 2));
+    const int64_t items = B * per_row * P;
+    // below ATTN_GRAIN products in all, waking the second thread costs more than it saves
+    const int64_t grain = B * H * S * D < ATTN_GRAIN ? items : 1;
+    at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+        std::vector<float> sc(4 * (S + 16));
+        for (int64_t i = i0; i < i1; i++) {
+            const int64_t c = i % P, grp = (i / P) % NG, kvh = (i / (P * NG)) % KV, b = i / (P * per_row);
+            const int64_t h0 = kvh * G + grp * gb, n = attn_extent(a, b), cnt = grp == NG - 1 ? last : gb;
+            const int64_t j0 = n * c / P, j1 = n * (c + 1) / P;
+            float *pp = part.data() + ((b * P + c) * H + h0) * (D + 2);
+            AttnItem f = grp == NG - 1 ? tail : full;
+            if (f) f(a, b, h0, cnt, j0, j1, sc.data(), pp);
+            else attn_scalar(a, b, h0, cnt, j0, j1, sc.data(), pp);
+        }
+    });
+    // merge the chunks of each (row, head): rescale each by exp(its max - the max), then normalize
+    std::vector<float> o(D);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            float M = -INFINITY, L = 0.f;
+            for (int64_t c = 0; c < P; c++) M = std::max(M, part[((b * P + c) * H + h) * (D + 2) + D]);
+            std::fill(o.begin(), o.end(), 0.f);
+            for (int64_t c = 0; c < P; c++) {
+                const float *pc = part.data() + ((b * P + c) * H + h) * (D + 2);
+                if (pc[D + 1] == 0.f) continue;
+                const float w = std::exp(pc[D] - M);
+                L += w * pc[D + 1];
+                for (int64_t d = 0; d < D; d++) o[d] += w * pc[d];
+            }
+            const float inv = L > 0.f ? 1.f / L : 0.f;
+            const int64_t oo = (b * H + h) * D;
+            for (int64_t d = 0; d < D; d++) {
+                const float r = o[d] * inv;
+                if (a.qt == BF16) static_cast<uint16_t *>(out.data_ptr())[oo + d] = to_bf16(r);
+                else if (a.qt == F16) static_cast<c10::Half *>(out.data_ptr())[oo + d] = c10::Half(r);
+                else static_cast<float *>(out.data_ptr())[oo + d] = r;
+            }
+        }
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(openautoglm, m) {
@@ -486,10 +798,13 @@ TORCH_LIBRARY(openautoglm, m) {
     m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales, int path=-1) -> Tensor");
     m.def("int4_gemv_path(int group_size) -> int", [](int64_t g) { return int4_path(g); });
     m.def("int8_gemv_path(int K) -> int", [](int64_t k) { return int8_path(k); });
+    m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float? scale=None, int path=-1) -> Tensor");
+    m.def("decode_attention_path(int head_dim) -> int", [](int64_t d) { return attn_path(d); });
 }
 
 TORCH_LIBRARY_IMPL(openautoglm, CPU, m) {
     m.impl("int4_gemv", &int4_gemv);
     m.impl("int4_gemv_a8", &int4_gemv_a8);
     m.impl("int8_gemv", &int8_gemv);
+    m.impl("decode_attention", &decode_attention);
 }

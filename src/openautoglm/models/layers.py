@@ -119,6 +119,16 @@ def causal_mask(positions: torch.Tensor) -> torch.Tensor:
 def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
     """q (B, H, T, hd), k/v (B, KV, S, hd), mask (B, 1, T, S) bool -> (B, T, H*hd)."""
     gqa = q.shape[1] != k.shape[1]
+    if k.dtype != q.dtype:  # a cache stored narrower than the activations
+        k, v = k.to(q.dtype), v.to(q.dtype)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     B, H, T, D = o.shape
     return o.transpose(1, 2).reshape(B, T, H * D)
+
+
+class Attention(nn.Module):
+    """:func:`attention` as a module (no state), so that the compiler can swap its kernel (O3's decode attention)
+    the way it swaps linears'."""
+
+    def forward(self, q, k, v, mask, scale: float | None = None) -> torch.Tensor:
+        return attention(q, k, v, mask, scale)

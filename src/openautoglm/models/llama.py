@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, RotaryTables, activation, apply_rope, attention, causal_mask
+from .layers import Attention, RMSNorm, RotaryTables, activation, apply_rope, causal_mask
 
 
 class LlamaAttention(nn.Module):
@@ -27,6 +27,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.sdpa = Attention()
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -36,7 +37,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        return self.o_proj(attention(q, k, v, mask))
+        return self.o_proj(self.sdpa(q, k, v, mask))
 
 
 class LlamaMLP(nn.Module):

@@ -100,8 +100,8 @@ class KVCache:
         """Write k/v (B, KV, T, hd) at the step's positions; return this step's view (B, KV, kv_len, hd)."""
         rows, heads, pos, kv_len, run, slots = self._step
         kc, vc = self.k[layer], self.v[layer]
-        kc.index_put_((rows, heads, pos), k)
-        vc.index_put_((rows, heads, pos), v)
+        kc.index_put_((rows, heads, pos), k.to(kc.dtype))  # the cache may be stored narrower (O3: fp16)
+        vc.index_put_((rows, heads, pos), v.to(vc.dtype))
         if run is not None:
             a, b = run
             return kc[a:b, :, :kv_len], vc[a:b, :, :kv_len]

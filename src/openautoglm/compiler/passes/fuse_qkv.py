@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...models.layers import apply_rope, attention
+from ...models.layers import apply_rope
 from ...models.llama import LlamaAttention
 from ...quant.modules import cat_rows
 
@@ -25,7 +25,7 @@ class FusedQKVAttention(LlamaAttention):
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        return self.o_proj(attention(q, k, v, mask))
+        return self.o_proj(self.sdpa(q, k, v, mask))
 
 
 class FusedQKVInterleavedAttention(FusedQKVAttention):

@@ -13,7 +13,8 @@
   are cached on disk keyed by shape, format, device, CPU flags, torch version and threads; the thread count
   is tuned too. Candidates include our own native kernels (``openautoglm.kernels``): int4 prefill runs as a bf16
   GEMM (AMX where present) on weights dequantized per call, keeping no bf16 copy; decode can run our int4/int8
-  GEMV operators, which the AOTInductor packages call.
+  GEMV operators and our decode attention operator, which the AOTInductor packages call. Where the decode
+  attention is chosen and the activations are fp32, the planned KV cache is fp16 (``memory_plan.kv_dtype``).
 
 Each pass lives in ``passes/`` (one per file), rewrites a model in place, and has an equivalence test.
 """

@@ -64,3 +64,17 @@ def test_greedy_and_degenerate_filters_are_argmax():
 def test_invalid_values_raise_typed_error(kw):
     with pytest.raises(InvalidParameterError):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_greedy_ids_are_torch_argmax_ties_and_nan_included(dtype):
+    from openautoglm.runtime.sampler import greedy_ids
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 49152, generator=g).to(dtype)
+    x[1, 7] = x[1, 900] = x[1].max() + 1  # a tie: the first index
+    x[2, 5000] = float("nan")  # NaN counts as the largest
+    x[3] = 0.0  # all equal
+    out = greedy_ids(x[:, ::1])
+    assert out.dtype == torch.long and torch.equal(out, x.argmax(-1))
+    assert torch.equal(greedy_ids(x.t().contiguous().t()), x.argmax(-1))  # non-contiguous rows

@@ -316,7 +316,7 @@ def _decode_pass(model, batch: int):
             f = GemvLinear(m).forward
         fns.append((f, _probe_input(batch, m.in_features)))
 
-    def run(_):
+    def run():
         for f, x in fns:
             f(x)
     return run
@@ -324,8 +324,9 @@ def _decode_pass(model, batch: int):
 
 def tune_threads(model, batch: int, cache: dict, key_base: str) -> int:
     """The intra-op thread count for decode, up to the one set when tuning starts (the user's, or the cores): the
-    fastest pass over all the model's linears (min of 6, in two blocks per count), fewer threads only when at least ``FEWER_THREADS_GAIN``
-    faster (memory-bound decode gains from every core; one noisy timing must not halve it)."""
+    fastest pass over all the model's linears (min of 6, in two blocks per count), fewer threads only when at
+    least ``FEWER_THREADS_GAIN`` faster (memory-bound decode gains from every core; one noisy timing must not
+    halve it)."""
     top = torch.get_num_threads()
     key = f"threads|{key_base}|cpus:{os.cpu_count() or 1}|max:{top}"
     if key in cache:
@@ -339,10 +340,10 @@ def tune_threads(model, batch: int, cache: dict, key_base: str) -> int:
         for _ in range(2):
             for t in cands:
                 torch.set_num_threads(t)
-                run(None)
+                run()
                 for _ in range(3):
                     t0 = time.perf_counter()
-                    run(None)
+                    run()
                     times[t] = min(times[t], time.perf_counter() - t0)
     torch.set_num_threads(top)
     best = top

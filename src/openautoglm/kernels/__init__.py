@@ -176,7 +176,7 @@ def attention_path(head_dim: int) -> str:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float | None = None, path: int = -1) -> torch.Tensor:
-    """Attention of one query position a row over the cache: q (B, H, 1, D), k/v (B, KV, S, D) fp32 or bf16
+    """Attention of one query position a row over the cache: q (B, H, 1, D), k/v (B, KV, S, D) fp32, bf16 or fp16
     (views of the cache: only the last dimension need be contiguous; more rows than B are allowed, and row b of q
     reads row b), mask (B or 1, 1, 1, S) bool -> (B, H, 1, D)
     in q's dtype. What ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` computes,

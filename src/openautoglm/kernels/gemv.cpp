@@ -748,6 +748,8 @@ at::Tensor decode_attention(const at::Tensor &q_, const at::Tensor &k, const at:
     if (use == 1) full = attn_avx512_for(D, gb), tail = attn_avx512_for(D, last);
 #endif
     std::vector<float> part(B * P * H * (D + 2));
+    std::vector<int64_t> extent(B);  // once a row, not once an item
+    for (int64_t b = 0; b < B; b++) extent[b] = attn_extent(a, b);
     const int64_t items = B * per_row * P;
     // below ATTN_GRAIN products in all, waking the second thread costs more than it saves
     const int64_t grain = B * H * S * D < ATTN_GRAIN ? items : 1;
@@ -755,7 +757,7 @@ at::Tensor decode_attention(const at::Tensor &q_, const at::Tensor &k, const at:
         std::vector<float> sc(4 * (S + 16));
         for (int64_t i = i0; i < i1; i++) {
             const int64_t c = i % P, grp = (i / P) % NG, kvh = (i / (P * NG)) % KV, b = i / (P * per_row);
-            const int64_t h0 = kvh * G + grp * gb, n = attn_extent(a, b), cnt = grp == NG - 1 ? last : gb;
+            const int64_t h0 = kvh * G + grp * gb, n = extent[b], cnt = grp == NG - 1 ? last : gb;
             const int64_t j0 = n * c / P, j1 = n * (c + 1) / P;
             float *pp = part.data() + ((b * P + c) * H + h0) * (D + 2);
             AttnItem f = grp == NG - 1 ? tail : full;

@@ -152,3 +152,24 @@ def test_corrupt_autotune_cache_falls_back(tiny_engine_dir, oag_cache):
     assert e2.generate("Hello", max_tokens=10, ignore_eos=True)[0].token_ids == \
         e0.generate("Hello", max_tokens=10, ignore_eos=True)[0].token_ids
     assert e.info()["compile"]["autotune"]["threads"] >= 1
+
+
+def test_compiled_step_reads_the_models_own_weights(tiny_engine_dir, oag_cache):
+    # the packages hold no weights: their constants are the model's tensors (no copy), so a change made to a weight
+    # in place reaches the compiled decode step, which must then still give eager's tokens
+    from openautoglm.runtime.generate import generate
+    from openautoglm.runtime.sampler import SamplingParams
+
+    e = _engine(tiny_engine_dir, "fp32", "O2")
+    ids = e.tokenizer.encode("Hello there")
+    p = SamplingParams(max_tokens=12, ignore_eos=True)
+    before = e.generate("Hello there", max_tokens=12, ignore_eos=True)[0].token_ids
+    calls = e.compiled.runner.compiled_calls
+    with torch.no_grad():
+        for name, t in e.model.named_parameters():
+            if ".layers." in name:
+                t.mul_(4.0)  # every decoder layer's weights, in place
+    after = e.generate("Hello there", max_tokens=12, ignore_eos=True)[0].token_ids
+    assert e.compiled.runner.compiled_calls - calls == 11
+    assert after != before
+    assert after == generate(e.model, e.tokenizer, [ids], p, eos_ids=set())[0].token_ids

@@ -65,7 +65,7 @@ class CompiledLM(nn.Module):
 
     def _load(self, static_len: int) -> aot.CompiledStep:
         path = self.cache_dir / f"decode-{aot.package_key(self.model, self._shape, static_len)}.pt2"
-        if not path.is_file():
+        if not path.is_file() or not aot.constants_file(path).is_file():
             aot.compile_package(self.model, self._cache, static_len, path)
             self.packages_built += 1
         self._steps[static_len] = step = aot.CompiledStep(path, self.model, static_len)

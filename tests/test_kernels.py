@@ -119,8 +119,9 @@ def _a8_reference(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 3])
 def test_int4_gemv_a8_is_the_dequantized_weights_times_the_quantized_activations(group, shape, rows):
     _ops()
-    if not kernels.gemv_path("int4-a8", group):
-        pytest.skip("this CPU has no AVX512-VNNI")
+    best = {"": 0, "avx2": 1, "avx512vnni": 2}[kernels.gemv_path("int4-a8", group)]
+    if not best:
+        pytest.skip("this CPU has neither AVX2 nor AVX512-VNNI")
     g = torch.Generator().manual_seed(group + shape[0] + rows)
     w = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[0])[:, None]
     q, s, z = P.asym_per_group(w, 4, group)
@@ -130,15 +131,16 @@ def test_int4_gemv_a8_is_the_dequantized_weights_times_the_quantized_activations
     x[-1, 32:64] = 0  # all-zero blocks (d = 0)
     xq = _a8_reference(x)
     wd = P.dequant_asym(q, s, z, 4).double()
-    out = kernels.int4_gemv_a8(x, P.pack_bits(q, 4), s, z, group)
     ref = xq @ wd.t()
     # one bf16 rounding of an fp32 sum whose terms (s q x and (z - 8 s) x) are bounded by `terms`
     sr, zr = (t.double().repeat_interleave(group, 1) for t in (s, z))
     terms = xq.abs() @ (23 * sr.abs() + zr.abs()).t()
-    assert out.dtype == torch.bfloat16
     tol = ref.abs() * 2 ** -8 + 1e-5 * terms
-    err = (out.double() - ref).abs()
-    assert bool((err <= tol).all()), float(err.max())
+    for path in range(1, best + 1):  # every code path this CPU has
+        out = kernels.int4_gemv_a8(x, P.pack_bits(q, 4), s, z, group, path=path)
+        assert out.dtype == torch.bfloat16
+        err = (out.double() - ref).abs()
+        assert bool((err <= tol).all()), (path, float(err.max()))
     # and the check tells it from the bf16-activation product (the quantization is really applied)
     assert bool(((x.double() @ wd.t() - ref).abs() > tol).any())
 
@@ -152,7 +154,7 @@ def test_int8_gemv_matches_the_dequantized_reference(shape):
     m = Int8Linear(*P.int8_per_channel(torch.randn(shape, generator=g)), None)
     x = torch.randn(2, shape[1], generator=g).to(torch.bfloat16)
     ref = x.double() @ m.dequantized().double().t()
-    best = {"scalar": 0, "avx512": 1}[kernels.gemv_path("int8", shape[1])]
+    best = {"scalar": 0, "avx2": 1, "avx512": 2}[kernels.gemv_path("int8", shape[1])]
     for path in range(best + 1):
         _close_to_bf16_rounding(kernels.int8_gemv(x, m.qweight, m.scales, path=path), ref)
 
@@ -169,9 +171,11 @@ def test_gemv_rejects_bad_input():
     if kernels.gemv_path("int4-a8", 32):
         with pytest.raises(RuntimeError, match="bf16"):
             kernels.int4_gemv_a8(torch.randn(1, 64), m.qweight, m.scales, m.zeros, 32)
-        s16 = torch.ones(8, 4, dtype=torch.bfloat16)  # group size 16: no VNNI path
+        s16 = torch.ones(8, 4, dtype=torch.bfloat16)  # group size 16: no path
         with pytest.raises(RuntimeError, match="multiple of 32"):
             kernels.int4_gemv_a8(torch.randn(1, 64).bfloat16(), m.qweight, s16, s16, 16)
+        with pytest.raises(RuntimeError, match="code path"):
+            kernels.int4_gemv_a8(torch.randn(1, 64).bfloat16(), m.qweight, m.scales, m.zeros, 32, path=3)
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -206,7 +210,7 @@ def test_decode_attention_matches_sdpa(qdt, kvdt, B, H, KV, S, D):
     # stale values in the slots the mask excludes must not leak (SDPA itself would give NaN here)
     hidden = ~mask.expand(B, KV, 1, S)[:, :, 0]  # (B, KV, S)
     k[hidden], v[hidden] = float("nan"), float("nan")
-    best = {"scalar": 0, "avx512": 1}[kernels.attention_path(D)]
+    best = {"scalar": 0, "avx2": 1, "avx512": 2}[kernels.attention_path(D)]
     for path in range(best + 1):
         out = kernels.decode_attention(q, k, v, mask, path=path)
         assert out.shape == (B, H, 1, D) and out.dtype == qdt

@@ -78,6 +78,8 @@ def compile_package(model: nn.Module, cache: KVCache, static_len: int, path: Pat
     import torch._inductor
     from torch.export import Dim
 
+    from .. import kernels
+
     step = DecodeStep(model, static_len).eval()
     B = cache.batch
     ids = torch.zeros(B, 1, dtype=torch.long)
@@ -96,8 +98,10 @@ def compile_package(model: nn.Module, cache: KVCache, static_len: int, path: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
     with _inductor_made_constants() as made:
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
-                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs={
+            "aot_inductor.package_constants_in_so": False,
+            # our operators are called through their C entry points, not boxed through the proxy executor
+            "aot_inductor.custom_ops_to_c_shims": kernels.c_shims()})
     big = [n for n, t in made.items() if t.numel() > 4096]
     if big:
         raise RuntimeError(f"the decode step's compilation made large constants: {big[:5]}")

@@ -11,8 +11,9 @@
 // Decode is memory bound: the point is to stream the codes once at the bandwidth the cores can pull, with no
 // per-call allocation beyond the output.  AVX-512 paths (int4 with AVX512-BF16 dot products: the codes are
 // expanded to bf16 (q - 8) by a 32-entry table lookup and multiplied in pairs with the bf16 activations, which
-// lie in memory in exactly the pairs the nibbles of a byte hold), a scalar path elsewhere.  Rows are split over
-// torch's intra-op threads.
+// lie in memory in exactly the pairs the nibbles of a byte hold), a scalar path elsewhere.  AVX2 paths (AMD Zen 1-3,
+// Intel before Ice Lake: laptops and cheap servers) for the W4A8 GEMV, the int8 GEMV and the attention.  Rows are
+// split over torch's intra-op threads.
 //
 // openautoglm::decode_attention(q (B, H, 1, D), k, v (B, KV, S, D), mask (B, 1, 1, S) bool, scale?) -> (B, H, 1, D):
 //     SDPA with enable_gqa for one query position (see the section below).  At decode, torch's flash attention costs
@@ -23,6 +24,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -330,6 +332,158 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_v
     }
 }
 
+// ---- the same W4A8 product on AVX2 (no VNNI, 256-bit: AMD Zen 1-3, Intel before Ice Lake) ----
+// Same activation layout (A8), same lanes: a 32-byte half of a chunk holds 2 blocks of 32 codes, its 32-bit lane l
+// the block of 8 l (lanes 0-3 the first block of 32, 4-7 the second).  u8 x s8 products by vpmaddubsw (pairs to
+// int16: 2 * 15 * 127 at most, and the even + odd sum 4 * 15 * 127 < 2^15) and vpmaddwd against ones (int16 pairs to
+// the 32-bit lane), as llama.cpp's Q4 x Q8 on AVX2.
+#define OAG_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
+
+// 2 x 8 int32 (|v| <= 127) -> 16 bytes in lane order: packs interleaves the 128-bit halves, the permute undoes it
+OAG_AVX2 __m128i bytes16(__m256i lo, __m256i hi) {
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+    return _mm_packs_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+}
+
+__attribute__((target("avx2,fma"))) A8 quantize_a8_avx2(const uint16_t *x, int64_t M, int64_t K, int64_t g) {
+    const int64_t B = K / 32, G = K / g, bpg = g / 32;
+    A8 a;
+    a.C = (B + 3) / 4;
+    a.Gp = (G + 15) / 16 * 16;
+    a.xb.assign(M * a.C * 128, 0);
+    a.dl.assign(M * a.C * 16, 0.f);
+    a.sg.assign(M * a.Gp, 0.f);
+    const __m256i hi16 = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m256 c127 = _mm256_set1_ps(127.f), zero = _mm256_setzero_ps();
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < B; b++) {
+            __m256i ei[2], oi[2];
+            __m256 dsum = zero;
+            alignas(32) float dd[2][8];
+            for (int h = 0; h < 2; h++) {  // 16 bf16 = 8 (even, odd) pairs: two blocks of 8 (lanes 0-3, 4-7)
+                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x + m * K + b * 32 + 16 * h));
+                const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                const __m256 o = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
+                const __m256 sign = _mm256_set1_ps(-0.f);
+                __m256 amax = _mm256_max_ps(_mm256_andnot_ps(sign, e), _mm256_andnot_ps(sign, o));
+                amax = _mm256_max_ps(amax, _mm256_permute_ps(amax, 0x4E));
+                amax = _mm256_max_ps(amax, _mm256_permute_ps(amax, 0xB1));  // each lane: its block's max
+                const __m256 d = _mm256_div_ps(amax, c127);
+                const __m256 id = _mm256_and_ps(_mm256_cmp_ps(amax, zero, _CMP_GT_OQ), _mm256_div_ps(c127, amax));
+                ei[h] = _mm256_cvtps_epi32(_mm256_mul_ps(e, id));  // nearest even
+                oi[h] = _mm256_cvtps_epi32(_mm256_mul_ps(o, id));
+                dsum = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(ei[h], oi[h])), dsum);
+                _mm256_store_ps(dd[h], d);
+            }
+            int8_t *dst = a.xb.data() + (m * a.C + b / 4) * 128 + (b % 4) * 16;
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(dst), bytes16(ei[0], ei[1]));
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + 64), bytes16(oi[0], oi[1]));
+            float *dl = a.dl.data() + (m * a.C + b / 4) * 16 + (b % 4) * 4;
+            dl[0] = dd[0][0], dl[1] = dd[0][4], dl[2] = dd[1][0], dl[3] = dd[1][4];
+            alignas(32) float ds[8];
+            _mm256_store_ps(ds, dsum);
+            // the lanes of a block of 8 hold its d 4 times: each lane's d * (its 2 products) sums the block
+            float t = 0.f;
+            for (int i = 0; i < 8; i++) t += ds[i];
+            a.sg[m * a.Gp + b / bpg] += t;
+        }
+    return a;
+}
+
+// one row's 32-byte half chunk (2 blocks of 32 codes, or 1: the upper 16 bytes not read) against its activations
+OAG_AVX2 __m256i half_a8(const uint8_t *p, bool two, __m256i xe, __m256i xo) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i c = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))
+                          : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+    const __m256i lo = _mm256_and_si256(c, m4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);
+    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+}
+
+// the half's lane scales as fp32: lanes 0-3 the scale of block b0's group, 4-7 that of block b0 + 1 (0 if absent)
+OAG_AVX2 __m256 half_scales(const uint16_t *sr, int64_t b0, int64_t bpg, bool two) {
+    const uint32_t s0 = static_cast<uint32_t>(sr[b0 / bpg]) << 16;
+    const uint32_t s1 = two ? static_cast<uint32_t>(sr[(b0 + 1) / bpg]) << 16 : 0u;
+    return _mm256_castsi256_ps(_mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1));
+}
+
+// sum_j (z_j - 8 s_j) * sg_j over a row's groups
+__attribute__((target("avx2,fma"))) float zterm_a8_avx2(const uint16_t *sr, const uint16_t *zr, const float *sg,
+                                                        int64_t G) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= G; j += 8) {
+        const __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(sr + j))), 16));
+        const __m256 zv = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(zr + j))), 16));
+        acc = _mm256_fmadd_ps(_mm256_fmadd_ps(sv, _mm256_set1_ps(-8.f), zv), _mm256_loadu_ps(sg + j), acc);
+    }
+    alignas(32) float t[8];
+    _mm256_store_ps(t, acc);
+    float r = 0.f;
+    for (int i = 0; i < 8; i++) r += t[i];
+    for (; j < G; j++) r += (bf(zr[j]) - 8.f * bf(sr[j])) * sg[j];
+    return r;
+}
+
+OAG_AVX2 float hsum8(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// g % 32 == 0.  Four rows at a time share the activation loads.
+__attribute__((target("avx2,fma"))) void int4_rows_avx2(const A8 &a, const uint8_t *q, const uint16_t *s,
+                                                        const uint16_t *z, uint16_t *y, int64_t M, int64_t N,
+                                                        int64_t K, int64_t g, int64_t n0, int64_t n1) {
+    const int64_t G = K / g, KB = K / 2, B = K / 32, bpg = g / 32, C = a.C;
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *xb = a.xb.data() + m * C * 128;
+        const float *dl = a.dl.data() + m * C * 16, *sg = a.sg.data() + m * a.Gp;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            const uint8_t *q0 = q + n * KB;
+            const uint16_t *s0 = s + n * G;
+            for (int64_t c = 0; c < C; c++) {
+                const uint8_t *pf = q0 + PF_ROWS * KB + c * 64;
+                for (int r = 0; r < 4; r++) _mm_prefetch(reinterpret_cast<const char *>(pf + r * KB), _MM_HINT_T0);
+                for (int h = 0; h < 2; h++) {
+                    const int64_t b0 = 4 * c + 2 * h;
+                    if (b0 >= B) break;
+                    const bool two = b0 + 1 < B;
+                    const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb + c * 128 + 32 * h));
+                    const __m256i xo =
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb + c * 128 + 64 + 32 * h));
+                    const __m256 dv = _mm256_loadu_ps(dl + c * 16 + 8 * h);
+                    for (int r = 0; r < 4; r++) {
+                        const __m256i p = half_a8(q0 + r * KB + c * 64 + 32 * h, two, xe, xo);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                                 _mm256_mul_ps(half_scales(s0 + r * G, b0, bpg, two), dv), acc[r]);
+                    }
+                }
+            }
+            for (int r = 0; r < 4; r++)
+                y[m * N + n + r] = to_bf16(hsum8(acc[r]) + zterm_a8_avx2(s0 + r * G, z + (n + r) * G, sg, G));
+        }
+        for (; n < n1; n++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t b0 = 0; b0 < B; b0 += 2) {
+                const int64_t c = b0 / 4, h = (b0 % 4) / 2;
+                const bool two = b0 + 1 < B;
+                const __m256i p = half_a8(q + n * KB + b0 * 16, two,
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb + c * 128 + 32 * h)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb + c * 128 + 64 + 32 * h)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                      _mm256_mul_ps(half_scales(s + n * G, b0, bpg, two), _mm256_loadu_ps(dl + c * 16 + 8 * h)),
+                                      acc);
+            }
+            y[m * N + n] = to_bf16(hsum8(acc) + zterm_a8_avx2(s + n * G, z + n * G, sg, G));
+        }
+    }
+}
+
 // 16 int8 weights -> fp32
 __attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512 widen8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
@@ -366,6 +520,41 @@ __attribute__((target("avx512f,avx512bw"))) void int8_rows_avx512(const float *x
             for (int64_t k = 0; k < K; k += 16)
                 a = _mm512_fmadd_ps(widen8(q + n * K + k), _mm512_loadu_ps(xm + k), a);
             y[m * N + n] = to_bf16(_mm512_reduce_add_ps(a) * bf(s[n]));
+        }
+    }
+}
+
+// 8 int8 weights -> fp32
+OAG_AVX2 __m256 widen8_avx2(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
+}
+
+// as int8_rows_avx512, 8 weights a step (two steps an iteration: K % 16 == 0)
+__attribute__((target("avx2,fma"))) void int8_rows_avx2(const float *xf, const int8_t *q, const uint16_t *s,
+                                                        uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t n0,
+                                                        int64_t n1) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = xf + m * K;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
+            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            const int8_t *r = q + n * K;
+            for (int64_t k = 0; k < K; k += 16) {
+                if (k % 64 == 0)
+                    for (int i = 0; i < 4; i++)
+                        _mm_prefetch(reinterpret_cast<const char *>(r + (PF_ROWS + i) * K + k), _MM_HINT_T0);
+                const __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8);
+                for (int i = 0; i < 4; i++) {
+                    a[i] = _mm256_fmadd_ps(widen8_avx2(r + i * K + k), x0, a[i]);
+                    a[i] = _mm256_fmadd_ps(widen8_avx2(r + i * K + k + 8), x1, a[i]);
+                }
+            }
+            for (int i = 0; i < 4; i++) y[m * N + n + i] = to_bf16(hsum8(a[i]) * bf(s[n + i]));
+        }
+        for (; n < n1; n++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 8) a = _mm256_fmadd_ps(widen8_avx2(q + n * K + k), _mm256_loadu_ps(xm + k), a);
+            y[m * N + n] = to_bf16(hsum8(a) * bf(s[n]));
         }
     }
 }
@@ -577,6 +766,139 @@ AttnItem attn_avx512_for(int64_t D, int64_t gb) {
         default: return nullptr;
     }
 }
+// ---- the same attention on AVX2 + FMA + F16C (8 lanes; the queries and outputs of a group spill to L1 when
+// they outgrow the 16 registers) ----
+#define OAG_F256 __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+OAG_F256 __m256 ld8(const void *p, int64_t i, Dt t) {
+    if (t == F32) return _mm256_loadu_ps(static_cast<const float *>(p) + i);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(static_cast<const uint16_t *>(p) + i));
+    if (t == F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// exp_neg's polynomial on 8 lanes; 2^n built in the exponent field (n in [-126, 0] for x >= -87)
+OAG_F256 __m256 exp_neg8(__m256 x) {
+    const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(_mm256_max_ps(n, _mm256_set1_ps(-126.f))),
+                                                         _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+OAG_F256 __m128 reduce4_256(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// as attn_avx512 with C = D / 8 chunks of a head
+template <int C, int GB>
+__attribute__((target("avx2,fma,f16c"))) void attn_avx2(const AttnArgs &a, int64_t b, int64_t h0, int64_t,
+                                                        int64_t j0, int64_t j1, float *sc, float *part) {
+    const int64_t kvh = h0 / (a.H / a.KV), n = j1 - j0, SS = n + 16, D = a.D;
+    const bool *m = a.mask + b * a.ms0 + j0 * a.ms3;
+    const int64_t ko = b * a.ks0 + kvh * a.ks1 + j0 * a.ks2, vo = b * a.vs0 + kvh * a.vs1 + j0 * a.vs2;
+    __m256 q[GB][C];
+    for (int g = 0; g < GB; g++)
+        for (int c = 0; c < C; c++)
+            q[g][c] = _mm256_mul_ps(ld8(a.q, b * a.qs0 + (h0 + g) * a.qs1 + 8 * c, a.qt), _mm256_set1_ps(a.scale));
+    const int64_t esz = a.kvt == F32 ? 4 : 2, row = D * esz;
+    const char *kb = static_cast<const char *>(a.k) + ko * esz, *vb = static_cast<const char *>(a.v) + vo * esz;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const int64_t k0 = ko + j * a.ks2;
+        for (int64_t r = j + ATTN_PF; r < std::min(j + ATTN_PF + 4, n); r++)
+            for (int64_t off = 0; off < row; off += 64) {
+                _mm_prefetch(kb + r * a.ks2 * esz + off, _MM_HINT_T0);
+                _mm_prefetch(vb + r * a.vs2 * esz + off, _MM_HINT_T1);
+            }
+        for (int g = 0; g < GB; g++) {
+            __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            for (int c = 0; c < C; c++) {
+                s0 = _mm256_fmadd_ps(q[g][c], ld8(a.k, k0 + 8 * c, a.kvt), s0);
+                s1 = _mm256_fmadd_ps(q[g][c], ld8(a.k, k0 + a.ks2 + 8 * c, a.kvt), s1);
+                s2 = _mm256_fmadd_ps(q[g][c], ld8(a.k, k0 + 2 * a.ks2 + 8 * c, a.kvt), s2);
+                s3 = _mm256_fmadd_ps(q[g][c], ld8(a.k, k0 + 3 * a.ks2 + 8 * c, a.kvt), s3);
+            }
+            _mm_storeu_ps(sc + g * SS + j, reduce4_256(s0, s1, s2, s3));
+        }
+    }
+    for (; j < n; j++)
+        for (int g = 0; g < GB; g++) {
+            __m256 s = _mm256_setzero_ps();
+            for (int c = 0; c < C; c++) s = _mm256_fmadd_ps(q[g][c], ld8(a.k, ko + j * a.ks2 + 8 * c, a.kvt), s);
+            sc[g * SS + j] = hsum8(s);
+        }
+    // exp(s - max) over the allowed slots (the others get weight 0)
+    for (int g = 0; g < GB; g++) {
+        float *sg = sc + g * SS, mx = -INFINITY;
+        for (j = 0; j < n; j++)
+            if (m[j * a.ms3]) mx = std::max(mx, sg[j]);
+            else sg[j] = -INFINITY;
+        __m256 sum = _mm256_setzero_ps();
+        const __m256 mxv = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+        for (j = 0; j + 8 <= n; j += 8) {
+            const __m256 s = _mm256_loadu_ps(sg + j);
+            const __m256 p = _mm256_and_ps(_mm256_cmp_ps(s, ninf, _CMP_NEQ_OQ), exp_neg8(_mm256_sub_ps(s, mxv)));
+            _mm256_storeu_ps(sg + j, p);
+            sum = _mm256_add_ps(sum, p);
+        }
+        float l = hsum8(sum);
+        for (; j < n; j++) {
+            sg[j] = sg[j] == -INFINITY ? 0.f : std::exp(sg[j] - mx);
+            l += sg[j];
+        }
+        part[g * (D + 2) + D] = mx;
+        part[g * (D + 2) + D + 1] = l;
+    }
+    __m256 o[GB][C];
+    for (int g = 0; g < GB; g++)
+        for (int c = 0; c < C; c++) o[g][c] = _mm256_setzero_ps();
+    for (j = 0; j < n; j++) {
+        if (j + ATTN_PF < n)
+            for (int64_t off = 0; off < row; off += 64) _mm_prefetch(vb + (j + ATTN_PF) * a.vs2 * esz + off, _MM_HINT_T0);
+        if (!m[j * a.ms3]) continue;
+        const int64_t v0 = vo + j * a.vs2;
+        for (int c = 0; c < C; c++) {
+            const __m256 vv = ld8(a.v, v0 + 8 * c, a.kvt);
+            for (int g = 0; g < GB; g++) o[g][c] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g * SS + j]), vv, o[g][c]);
+        }
+    }
+    for (int g = 0; g < GB; g++)
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(part + g * (D + 2) + 8 * c, o[g][c]);
+}
+
+template <int C>
+AttnItem attn_avx2_gb(int64_t gb) {
+    switch (gb) {
+        case 1: return attn_avx2<C, 1>;
+        case 2: return attn_avx2<C, 2>;
+        case 3: return attn_avx2<C, 3>;
+        default: return attn_avx2<C, 4>;
+    }
+}
+
+AttnItem attn_avx2_for(int64_t D, int64_t gb) {
+    switch (D) {
+        case 16: return attn_avx2_gb<2>(gb);
+        case 32: return attn_avx2_gb<4>(gb);
+        case 64: return attn_avx2_gb<8>(gb);
+        case 80: return attn_avx2_gb<10>(gb);
+        case 96: return attn_avx2_gb<12>(gb);
+        case 128: return attn_avx2_gb<16>(gb);
+        default: return nullptr;  // 256: the queries and outputs of a group would not fit in L1's share
+    }
+}
 #endif
 
 bool has(const char *feature) {
@@ -589,6 +911,7 @@ bool has(const char *feature) {
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     if (!std::strcmp(feature, "avx512")) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    if (!std::strcmp(feature, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
     (void)feature;
     return false;
@@ -596,11 +919,13 @@ bool has(const char *feature) {
 
 // the path a call takes: 1 = vectorized, 0 = scalar (forced to 0 with path=0, for the tests)
 int64_t int4_path(int64_t g) { return (g % 32 == 0 && has("avx512bf16")) ? 1 : 0; }
-int64_t int4_a8_path(int64_t g) { return (g % 32 == 0 && has("avx512vnni")) ? 1 : 0; }
-int64_t int8_path(int64_t K) { return (K % 16 == 0 && has("avx512")) ? 1 : 0; }
+// int4_gemv_a8 has no scalar path: 2 = AVX512-VNNI, 1 = AVX2, 0 = not available
+int64_t int4_a8_path(int64_t g) { return g % 32 ? 0 : has("avx512vnni") ? 2 : has("avx2") ? 1 : 0; }
+int64_t int8_path(int64_t K) { return K % 16 ? 0 : has("avx512") ? 2 : has("avx2") ? 1 : 0; }  // 1 = AVX2, 2 = AVX-512
 int64_t attn_path(int64_t D) {
 #ifdef OAG_X86
-    if (has("avx512") && attn_avx512_for(D, 1) != nullptr) return 1;
+    if (has("avx512") && attn_avx512_for(D, 1) != nullptr) return 2;
+    if (has("avx2") && __builtin_cpu_supports("f16c") && attn_avx2_for(D, 1) != nullptr) return 1;
 #endif
     (void)D;
     return 0;
@@ -645,12 +970,14 @@ at::Tensor int4_gemv(const at::Tensor &x_, const at::Tensor &qweight_, const at:
     return y;
 }
 
-// int8 activations per block of 8 (see quantize_a8): only where the CPU has AVX512-VNNI and g % 32 == 0
+// int8 activations per block of 8 (see quantize_a8): only where the CPU has AVX2 (or AVX512-VNNI) and g % 32 == 0
 at::Tensor int4_gemv_a8(const at::Tensor &x_, const at::Tensor &qweight_, const at::Tensor &scales_,
-                        const at::Tensor &zeros_, int64_t g) {
+                        const at::Tensor &zeros_, int64_t g, int64_t path) {
     const int64_t N = qweight_.size(0), K = qweight_.size(1) * 2;
     TORCH_CHECK(g > 0 && K % g == 0 && g % 2 == 0, "group size ", g, " does not divide K=", K);
-    TORCH_CHECK(int4_a8_path(g) == 1, "int4_gemv_a8 needs AVX512-VNNI and a group size that is a multiple of 32");
+    const int64_t best = int4_a8_path(g), use = path < 0 ? best : path;
+    TORCH_CHECK(best > 0, "int4_gemv_a8 needs AVX2 or AVX512-VNNI and a group size that is a multiple of 32");
+    TORCH_CHECK(use >= 1 && use <= best, "int4_gemv_a8: code path ", path, " is not available here");
     check_x(x_, K);
     TORCH_CHECK(qweight_.scalar_type() == at::kByte, "qweight must be uint8");
     TORCH_CHECK(scales_.sizes() == zeros_.sizes() && scales_.size(0) == N && scales_.size(1) == K / g,
@@ -666,9 +993,11 @@ at::Tensor int4_gemv_a8(const at::Tensor &x_, const at::Tensor &qweight_, const 
     const auto *zp = reinterpret_cast<const uint16_t *>(ze.data_ptr());
     auto *yp = reinterpret_cast<uint16_t *>(y.data_ptr());
 #ifdef OAG_X86
-    const A8 a = quantize_a8(reinterpret_cast<const uint16_t *>(x.data_ptr()), M, K, g);
+    const auto *xp = reinterpret_cast<const uint16_t *>(x.data_ptr());
+    const A8 a = use == 2 ? quantize_a8(xp, M, K, g) : quantize_a8_avx2(xp, M, K, g);
     at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
-        int4_rows_vnni(a, qp, sp, zp, yp, M, N, K, g, n0, n1);
+        if (use == 2) int4_rows_vnni(a, qp, sp, zp, yp, M, N, K, g, n0, n1);
+        else int4_rows_avx2(a, qp, sp, zp, yp, M, N, K, g, n0, n1);
     });
 #endif
     return y;
@@ -689,13 +1018,14 @@ at::Tensor int8_gemv(const at::Tensor &x_, const at::Tensor &qweight_, const at:
     auto *yp = reinterpret_cast<uint16_t *>(y.data_ptr());
     const int64_t use = path < 0 ? int8_path(K) : std::min(path, int8_path(K));
     std::vector<float> xf;
-    if (use == 1) {
+    if (use >= 1) {
         xf.resize(M * K);
         for (int64_t i = 0; i < M * K; i++) xf[i] = bf(xp[i]);
     }
     at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
 #ifdef OAG_X86
-        if (use == 1) return int8_rows_avx512(xf.data(), qp, sp, yp, M, N, K, n0, n1);
+        if (use == 2) return int8_rows_avx512(xf.data(), qp, sp, yp, M, N, K, n0, n1);
+        if (use == 1) return int8_rows_avx2(xf.data(), qp, sp, yp, M, N, K, n0, n1);
 #endif
         int8_rows_scalar(xp, qp, sp, yp, M, N, K, n0, n1);
     });
@@ -745,7 +1075,8 @@ at::Tensor decode_attention(const at::Tensor &q_, const at::Tensor &k, const at:
     const int64_t P = std::max<int64_t>(1, std::min((2 * T + per_row - 1) / per_row, S / ATTN_MIN_SLOTS));
     AttnItem full = nullptr, tail = nullptr;
 #ifdef OAG_X86
-    if (use == 1) full = attn_avx512_for(D, gb), tail = attn_avx512_for(D, last);
+    if (use == 2) full = attn_avx512_for(D, gb), tail = attn_avx512_for(D, last);
+    if (use == 1) full = attn_avx2_for(D, gb), tail = attn_avx2_for(D, last);
 #endif
     std::vector<float> part(B * P * H * (D + 2));
     std::vector<int64_t> extent(B);  // once a row, not once an item
@@ -795,7 +1126,7 @@ at::Tensor decode_attention(const at::Tensor &q_, const at::Tensor &k, const at:
 
 TORCH_LIBRARY(openautoglm, m) {
     m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, int path=-1) -> Tensor");
-    m.def("int4_gemv_a8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+    m.def("int4_gemv_a8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, int path=-1) -> Tensor");
     m.def("int4_gemv_a8_path(int group_size) -> int", [](int64_t g) { return int4_a8_path(g); });
     m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales, int path=-1) -> Tensor");
     m.def("int4_gemv_path(int group_size) -> int", [](int64_t g) { return int4_path(g); });
@@ -809,4 +1140,50 @@ TORCH_LIBRARY_IMPL(openautoglm, CPU, m) {
     m.impl("int4_gemv_a8", &int4_gemv_a8);
     m.impl("int8_gemv", &int8_gemv);
     m.impl("decode_attention", &decode_attention);
+}
+
+// C shims: AOTInductor packages compiled with these in `aot_inductor.custom_ops_to_c_shims` (kernels.c_shims())
+// call the kernels directly, instead of boxing every call's arguments for the dispatcher through the proxy executor
+// (~150 calls a decode step).  The names are the ones inductor derives (aoti_torch_<device>_<op name>); the
+// arguments are the schema's, in order: tensors as handles, ints as int64_t, an optional float as a pointer
+// (nullptr for None), then a handle for the result.  The package resolves them at load time: the library is loaded
+// with RTLD_GLOBAL before any package (kernels.load_ops).
+namespace {
+using torch::aot_inductor::new_tensor_handle;
+using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+const at::Tensor &T(AtenTensorHandle h) { return *tensor_handle_to_tensor_pointer(h); }
+}  // namespace
+
+extern "C" {
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_int4_gemv(AtenTensorHandle x, AtenTensorHandle qweight,
+                                                          AtenTensorHandle scales, AtenTensorHandle zeros,
+                                                          int64_t group_size, int64_t path, AtenTensorHandle *ret0) {
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE(
+        { *ret0 = new_tensor_handle(int4_gemv(T(x), T(qweight), T(scales), T(zeros), group_size, path)); });
+}
+
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_int4_gemv_a8(AtenTensorHandle x, AtenTensorHandle qweight,
+                                                             AtenTensorHandle scales, AtenTensorHandle zeros,
+                                                             int64_t group_size, int64_t path,
+                                                             AtenTensorHandle *ret0) {
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE(
+        { *ret0 = new_tensor_handle(int4_gemv_a8(T(x), T(qweight), T(scales), T(zeros), group_size, path)); });
+}
+
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_int8_gemv(AtenTensorHandle x, AtenTensorHandle qweight,
+                                                          AtenTensorHandle scales, int64_t path,
+                                                          AtenTensorHandle *ret0) {
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE(
+        { *ret0 = new_tensor_handle(int8_gemv(T(x), T(qweight), T(scales), path)); });
+}
+
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k,
+                                                                 AtenTensorHandle v, AtenTensorHandle mask,
+                                                                 double *scale, int64_t path,
+                                                                 AtenTensorHandle *ret0) {
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+        const std::optional<double> s = scale ? std::optional<double>(*scale) : std::nullopt;
+        *ret0 = new_tensor_handle(decode_attention(T(q), T(k), T(v), T(mask), s, path));
+    });
+}
 }

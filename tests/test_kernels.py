@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from openautoglm import kernels
-from openautoglm.compiler.autotune import DequantBF16Linear
+from openautoglm.compiler.autotune import DequantBF16Linear, DequantF32Linear
 from openautoglm.quant import primitives as P
 from openautoglm.quant.config import IntxWeightOnlyConfig
 from openautoglm.quant.modules import IntxLinear
@@ -34,6 +34,21 @@ def test_dequant_int4_matches_the_torch_reference_bit_for_bit(group, shape):
     for path in _paths(group):
         out = kernels.dequant_int4_bf16(P.pack_bits(q, 4), s, z, group, path=path)
         assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), f"path {path}"
+
+
+@pytest.mark.parametrize("group", [16, 32, 256])
+def test_dequant_int4_f32_is_the_torch_reference_bit_for_bit(group):
+    g = torch.Generator().manual_seed(group)
+    w = torch.randn(67, 512, generator=g) * torch.logspace(-4, 2, 67)[:, None]
+    q, s, z = P.asym_per_group(w, 4, group)
+    s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
+    ref = P.dequant_asym(q, s, z, 4)
+    assert ref.dtype == torch.float32
+    for path in _paths(group):
+        out = kernels.dequant_int4_f32(P.pack_bits(q, 4), s, z, group, path=path)
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), f"path {path}"
+    with pytest.raises(ValueError):  # a bf16 buffer for fp32 weights
+        kernels.dequant_int4_f32(P.pack_bits(q, 4), s, z, group, out=torch.empty(67, 512, dtype=torch.bfloat16))
 
 
 def test_dequant_int4_every_code_and_rounding_tie():
@@ -70,6 +85,10 @@ def test_dequantizing_gemm_equals_a_bf16_gemm_on_the_reference_weights():
     ref = torch.nn.functional.linear(x.bfloat16(), _reference_bf16(m), m.bias.bfloat16()).float()
     out = DequantBF16Linear(m)(x)
     assert out.dtype == x.dtype and torch.equal(out, ref)
+    # the fp32 variant: an fp32 GEMM on the unrounded reference weights
+    ref32 = torch.nn.functional.linear(x, P.dequant_asym(m.codes(), m.scales, m.zeros, 4), m.bias)
+    out32 = DequantF32Linear(m)(x)
+    assert out32.dtype == x.dtype and torch.equal(out32, ref32)
 
 
 # --- decode GEMV operators (kernels/gemv.cpp) against the dequantize-then-matmul reference ---

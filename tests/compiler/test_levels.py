@@ -26,7 +26,7 @@ def _same_greedy(e0, e1, level, prompt, max_tokens=20):
         assert float(lg[a[i]] - lg[b[i]]) <= TOL[level] * float(lg.abs().max()), (level, prompt, i)
 
 
-@pytest.mark.parametrize("prefer", ["native", "bf16", "w8a8", "gemv", "gemv-a8", "decode"])
+@pytest.mark.parametrize("prefer", ["native", "bf16", "f32-dq", "w8a8", "gemv", "gemv-a8", "decode"])
 def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch, prefer):
     # force the selector's hand (timings rigged so `prefer` wins wherever it is eligible): every choice it can
     # make must keep O0's greedy tokens
@@ -57,7 +57,7 @@ def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch,
         assert e1.info()["compile"]["memory_plan"]["pack_bytes"] == 0
         assert all(getattr(m, "packed", None) is None for m in e1.model.modules())
     for p in PROMPTS:
-        if prefer == "gemv-a8":  # int8 activations: O3's stated tolerance
+        if prefer in ("gemv-a8", "f32-dq"):  # int8 / fp32 activations, not O0's bf16: O3's stated tolerance
             _same_greedy(e0, e1, "O3", p)
         else:
             assert e0.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids == \

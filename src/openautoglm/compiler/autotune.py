@@ -7,13 +7,15 @@ planned batch; prefill: the planned chunk) it times the implementations this CPU
   within a memory budget, best time saved per byte first;
 - ``bf16-dq``: for int4 layers, a bf16 GEMM on weights dequantized at each call by the native kernel
   (``kernels/``) into a reused buffer: prefill's choice, costing no memory;
+- ``f32-dq``: the same with fp32 weights and an fp32 GEMM: prefill's choice where the CPU has no native bf16
+  (AVX2 only: its bf16 GEMMs run 5-8x slower than fp32 ones);
 - ``w8a8``: for int8 weight-only layers, int8 activations per token and ``torch._int_mm``;
 - ``gemv``: for int4 and int8 weight-only layers at decode's few rows, our weight-only GEMV operators
   (``kernels/gemv.cpp``: the portable codes streamed once, fp32 accumulation), which AOTInductor's decode step
   calls through the dispatcher;
 - ``gemv-a8``: for int4 layers at decode, the same with int8 activations per block of 8 and VNNI dot products
-  (where the CPU has AVX512-VNNI), as llama.cpp's Q4 x Q8 (blocks of 32 there). Int4 layers that never run their native kernel
-  (``gemv``/``gemv-a8`` at decode, ``bf16-dq`` at prefill) build no CPU pack at all.
+  (AVX512-VNNI, or AVX2's vpmaddubsw), as llama.cpp's Q4 x Q8 (blocks of 32 there). Int4 layers that never run
+  their native kernel (``gemv``/``gemv-a8`` at decode, ``bf16-dq``/``f32-dq`` at prefill) build no CPU pack at all.
 
 Attention is tuned the same way (``tune_attention``): SDPA against our ``decode_attention`` operator for decode's
 one query position a row (each kv head's K and V read once for its query heads, only the slots the mask allows,
@@ -50,6 +52,8 @@ QUALITY_BUDGET = 1e-2
 COPY_MIN_GAIN = 0.25
 DECODE_MAX = 16  # token counts up to this use the decode choice
 DECODE_ONLY = ("gemv", "gemv-a8")
+# dequantize the whole matrix per call (ctypes, not traceable into the compiled decode step): prefill only
+PREFILL_ONLY = ("bf16-dq", "f32-dq")
 FEWER_THREADS_GAIN = 0.1
 
 
@@ -126,12 +130,13 @@ class DequantBF16Linear(nn.Module):
     chunk. The source layer is held outside the module tree (it is registered once, as the tuned layer's
     ``native``)."""
 
+    dtype = torch.bfloat16
     _buffers_by_shape = threading.local()
 
     def __init__(self, mod: nn.Module):
         super().__init__()
         self._src = (mod,)
-        b = None if mod.bias is None else mod.bias.detach().to(torch.bfloat16)
+        b = None if mod.bias is None else mod.bias.detach().to(self.dtype)
         self.register_buffer("bias", b, persistent=False)
 
     def weight(self) -> torch.Tensor:
@@ -139,13 +144,21 @@ class DequantBF16Linear(nn.Module):
 
         m = self._src[0]
         bufs = self._buffers_by_shape.__dict__.setdefault("d", {})
-        key = (m.out_features, m.in_features)
+        key = (m.out_features, m.in_features, self.dtype)
         if key not in bufs:
-            bufs[key] = torch.empty(key, dtype=torch.bfloat16)
-        return kernels.dequant_int4_bf16(m.qweight, m.scales, m.zeros, m.group_size, out=bufs[key])
+            bufs[key] = torch.empty(key[:2], dtype=self.dtype)
+        f = kernels.dequant_int4_bf16 if self.dtype == torch.bfloat16 else kernels.dequant_int4_f32
+        return f(m.qweight, m.scales, m.zeros, m.group_size, out=bufs[key])
 
     def forward(self, x):
-        return nn.functional.linear(x.to(torch.bfloat16), self.weight(), self.bias).to(x.dtype)
+        return nn.functional.linear(x.to(self.dtype), self.weight(), self.bias).to(x.dtype)
+
+
+class DequantF32Linear(DequantBF16Linear):
+    """As ``DequantBF16Linear`` with fp32 weights and an fp32 GEMM: the fast one on CPUs without native bf16
+    arithmetic (AVX2 only), where a bf16 GEMM runs 5-8x slower."""
+
+    dtype = torch.float32
 
 
 class GemvLinear(nn.Module):
@@ -235,6 +248,7 @@ def implementations(mod) -> dict:
 
         if kernels.available():
             out["bf16-dq"] = (DequantBF16Linear, 0)
+            out["f32-dq"] = (DequantF32Linear, 0)
         if kernels.load_ops():
             out["gemv"] = (GemvLinear, 0)
             if kernels.gemv_path("int4-a8", mod.group_size):
@@ -395,6 +409,9 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
                 for impl, (make, _) in implementations(mod).items():
                     if impl in DECODE_ONLY and m > DECODE_MAX:
                         res[impl] = None  # re-streams the weights for every row: not a candidate for prefill
+                        continue
+                    if impl in PREFILL_ONLY and m <= DECODE_MAX:
+                        res[impl] = None
                         continue
                     f = _named(make(mod), impl)
                     with torch.inference_mode():

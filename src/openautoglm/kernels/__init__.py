@@ -4,6 +4,8 @@
   bit the torch reference (``w = (q - 8) * s + z`` in fp32, rounded to nearest even). O3 uses it for prefill:
   one dequantization per call, then oneDNN's bf16 GEMM (AMX where the CPU has it), instead of the int4 kernel,
   which re-expands the weights for every block of tokens; no bf16 copy of the weights is kept.
+- ``dequant_int4_f32``: the same weights in fp32 (the reference before rounding), for the fp32 GEMM that CPUs
+  without native bf16 (AVX2 only) run 5-8x faster than a bf16 one.
 
 The C source ships with the package and is compiled by the system C compiler (``$CC``, else ``cc``/``gcc``: the
 one AOTInductor needs anyway) into ``~/.cache/openautoglm/kernels``, keyed by the source and the compiler, and
@@ -67,6 +69,8 @@ def _library() -> ctypes.CDLL | None:
     lib.oag_dequant_int4_path.restype = ctypes.c_int
     lib.oag_dequant_int4_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     lib.oag_dequant_int4_bf16.restype = None
+    lib.oag_dequant_int4_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    lib.oag_dequant_int4_f32.restype = None
     return lib
 
 
@@ -85,27 +89,38 @@ def dequant_int4_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     """(N, K/2) uint8 codes, (N, K/g) bf16 scales and zeros -> (N, K) bf16 weights, written into ``out`` when
     given (a reused buffer spares the page faults of a fresh allocation on every call). ``path`` forces a code
     path (tests compare every path with the reference)."""
+    return _dequant_int4(qweight, scales, zeros, group_size, out, path, torch.bfloat16)
+
+
+def dequant_int4_f32(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                     out: torch.Tensor | None = None, path: int | None = None) -> torch.Tensor:
+    """As :func:`dequant_int4_bf16` with fp32 weights (not rounded): for CPUs without native bf16 arithmetic,
+    where fp32 GEMMs are the fast ones."""
+    return _dequant_int4(qweight, scales, zeros, group_size, out, path, torch.float32)
+
+
+def _dequant_int4(qweight, scales, zeros, group_size, out, path, dtype) -> torch.Tensor:
     lib = _library()
     if lib is None:
         raise RuntimeError("the native kernels are not available (no working C compiler)")
     n, k = qweight.shape[0], qweight.shape[1] * 2
     if qweight.dtype != torch.uint8 or scales.dtype != torch.bfloat16 or zeros.dtype != torch.bfloat16:
-        raise TypeError("dequant_int4_bf16 takes uint8 codes and bf16 scales/zeros")
+        raise TypeError("int4 dequantization takes uint8 codes and bf16 scales/zeros")
     if k % group_size or group_size % 2 or scales.shape != (n, k // group_size) or zeros.shape != scales.shape:
         raise ValueError(f"shapes do not match: codes {tuple(qweight.shape)}, scales {tuple(scales.shape)}, "
                          f"group size {group_size}")
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     if out is None:
-        out = torch.empty(n, k, dtype=torch.bfloat16)
-    elif out.shape != (n, k) or out.dtype != torch.bfloat16 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({n}, {k}) bf16 tensor")
+        out = torch.empty(n, k, dtype=dtype)
+    elif out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({n}, {k}) {dtype} tensor")
     best = lib.oag_dequant_int4_path(group_size)
     if path is None:
         path = best
     elif not 0 <= path <= best:
         raise ValueError(f"code path {path} is not available on this CPU for group size {group_size}")
-    lib.oag_dequant_int4_bf16(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), 0, n, k,
-                              group_size, path)
+    fn = lib.oag_dequant_int4_bf16 if dtype == torch.bfloat16 else lib.oag_dequant_int4_f32
+    fn(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), 0, n, k, group_size, path)
     return out
 
 

@@ -40,7 +40,8 @@ def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch,
 
         if not kernels.gemv_path("int4-a8", 32):
             pytest.skip("this CPU has neither AVX2 nor AVX512-VNNI")
-    monkeypatch.setattr(autotune, "_time", lambda f, x, reps=5: {prefer: 0.0, second: 0.5}.get(getattr(f, "impl", ""), 1.0))
+    monkeypatch.setattr(autotune, "_time_all",
+                        lambda fs, x, rounds=5: {n: {prefer: 0.0, second: 0.5}.get(n, 1.0) for n in fs})
     monkeypatch.setattr(autotune, "cache_file", lambda: oag_cache / f"autotune-{prefer}.json")
     scheme = "int8" if prefer == "w8a8" else "int4-g32"
     e0, e1 = _engine(tiny_engine_dir, scheme), _engine(tiny_engine_dir, scheme, "O3")

@@ -12,7 +12,7 @@ planned batch; prefill: the planned chunk) it times the implementations this CPU
 - ``w8a8``: for int8 weight-only layers, int8 activations per token and ``torch._int_mm``;
 - ``gemv``: for int4 and int8 weight-only layers at decode's few rows, our weight-only GEMV operators
   (``kernels/gemv.cpp``: the portable codes streamed once, fp32 accumulation), which AOTInductor's decode step
-  calls through the dispatcher;
+  calls through their C entry points (``kernels.c_shims``);
 - ``gemv-a8``: for int4 layers at decode, the same with int8 activations per block of 8 and VNNI dot products
   (AVX512-VNNI, or AVX2's vpmaddubsw), as llama.cpp's Q4 x Q8 (blocks of 32 there). Int4 layers that never run
   their native kernel (``gemv``/``gemv-a8`` at decode, ``bf16-dq``/``f32-dq`` at prefill) build no CPU pack at all.

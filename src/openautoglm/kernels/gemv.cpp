@@ -1,5 +1,5 @@
-// Decode kernels, registered as torch operators so that AOTInductor's compiled decode step calls them through the
-// dispatcher: weight-only GEMVs (a few rows of activations against int4 / int8 weights) and the attention of one
+// Decode kernels, registered as torch operators (so that torch.export traces them) and exported as C shims (so
+// that AOTInductor's compiled decode step calls them directly, see the end of this file): weight-only GEMVs (a few rows of activations against int4 / int8 weights) and the attention of one
 // query position over the KV cache.
 //
 // openautoglm::int4_gemv(x (M, K) bf16, qweight (N, K/2) uint8, scales (N, K/g) bf16, zeros (N, K/g) bf16, g)

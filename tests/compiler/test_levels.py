@@ -18,6 +18,12 @@ def _same_greedy(e0, e1, level, prompt, max_tokens=20):
     """e1's greedy tokens are O0's, except where O0 itself is at a tie within the level's stated tolerance."""
     a = e0.generate(prompt, max_tokens=max_tokens, ignore_eos=True)[0].token_ids
     b = e1.generate(prompt, max_tokens=max_tokens, ignore_eos=True)[0].token_ids
+    _agree_but_ties(e0, level, prompt, a, b)
+
+
+def _agree_but_ties(e0, level, prompt, a, b):
+    """Token lists `a` (O0's) and `b` agree up to the first place where they part, and there O0's logits of the
+    two tokens are within the level's tolerance (a near-tie that a reordered sum may flip)."""
     if a != b:
         i = next(k for k in range(len(a)) if a[k] != b[k])
         ids = torch.tensor([e0.tokenizer.encode(prompt) + a[:i]])
@@ -81,9 +87,13 @@ def test_level_matches_o0(tiny_engine_dir, oag_cache, level, scheme):
     for p in PROMPTS:
         _same_greedy(e0, e1, level, p)
     # batched, rows of different lengths: the planned cache (2 rows) is reused
-    a = [r.token_ids for r in e0.generate(["one", "a longer second prompt"], max_tokens=12, ignore_eos=True)]
-    b = [r.token_ids for r in e1.generate(["one", "a longer second prompt"], max_tokens=12, ignore_eos=True)]
-    assert a == b
+    # (the tiny random model's O0 logits for the second row are 0.6016 / 0.5977 / 0.5977 at the top: O3's kernel
+    # choices may flip that near-tie, within its tolerance, and did on a CI machine)
+    rows = ["one", "a longer second prompt"]
+    a = [r.token_ids for r in e0.generate(rows, max_tokens=12, ignore_eos=True)]
+    b = [r.token_ids for r in e1.generate(rows, max_tokens=12, ignore_eos=True)]
+    for p, x, y in zip(rows, a, b):
+        _agree_but_ties(e0, level, p, x, y)
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         l0, l1 = e0.model(ids), e1.compiled.runner(ids)

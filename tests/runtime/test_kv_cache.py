@@ -21,6 +21,20 @@ def test_incremental_decode_matches_full_forward(hf_tiny):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
+def test_chunked_prefill_matches_full_forward(hf_tiny):
+    """A prompt prefilled in chunks: the first one (from position 0) attends to its own keys causally, without a
+    mask; the later ones attend to the cache through the mask. Both must give the full forward's logits."""
+    _, _, d = hf_tiny
+    model, _ = load_model(d, progress=False)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache.for_model(model, batch=2, max_len=32)
+        pos = torch.arange(24).expand(2, 24)
+        chunks = [model(ids[:, a:b], pos[:, a:b], cache) for a, b in ((0, 9), (9, 17), (17, 24))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-4, rtol=0)
+
+
 def test_rows_at_different_positions_match_single_runs(hf_tiny):
     """Right-padded batched prefill, then each row decodes at its own position."""
     _, _, d = hf_tiny

@@ -116,12 +116,23 @@ def causal_mask(positions: torch.Tensor) -> torch.Tensor:
     return positions[:, None, None, :] <= positions[:, None, :, None]
 
 
+def from_start(positions: torch.Tensor) -> bool:
+    """Whether every row of a multi-token step is at positions 0..T-1 (a prompt, or its first chunk): its keys are
+    then exactly this step's own, in order, and the mask is plain causal (``mask=None`` for :func:`attention`)."""
+    B, T = positions.shape
+    return T > 1 and bool((positions == torch.arange(T, device=positions.device)).all())
+
+
 def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
-    """q (B, H, T, hd), k/v (B, KV, S, hd), mask (B, 1, T, S) bool -> (B, T, H*hd)."""
+    """q (B, H, T, hd), k/v (B, KV, S, hd), mask (B, 1, T, S) bool -> (B, T, H*hd).
+
+    ``mask=None``: k/v are the T positions of q themselves, attended causally. SDPA then skips the blocks above
+    the diagonal instead of reading a mask over the whole planned cache (prefill's attention: 3-4x less work)."""
     gqa = q.shape[1] != k.shape[1]
     if k.dtype != q.dtype:  # a cache stored narrower than the activations
         k, v = k.to(q.dtype), v.to(q.dtype)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                       scale=scale, enable_gqa=gqa)
     B, H, T, D = o.shape
     return o.transpose(1, 2).reshape(B, T, H * D)
 

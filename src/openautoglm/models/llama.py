@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Attention, RMSNorm, RotaryTables, activation, apply_rope, causal_mask
+from .layers import Attention, RMSNorm, RotaryTables, activation, apply_rope, causal_mask, from_start
 
 
 class LlamaAttention(nn.Module):
@@ -103,7 +103,10 @@ class LlamaForCausalLM(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions)
-        mask = causal_mask(positions) if cache is None else cache.begin(positions)
+        if cache is not None:
+            mask = cache.begin(positions)
+        else:
+            mask = None if from_start(positions) else causal_mask(positions)
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask, cache)
         if logits_at is not None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.layers import from_start
+
 
 def activation_dtype(model) -> torch.dtype:
     """The dtype activations flow in: the float parameters' (norms), float32 when none is left."""
@@ -80,7 +82,8 @@ class KVCache:
     def begin(self, positions: torch.Tensor, kv_len: int | None = None):
         """Set up one forward step. positions (B, T); batch rows map to cache rows as set by :meth:`select`.
 
-        Returns the attention mask (B, 1, T, kv_len), True where a query may attend.
+        Returns the attention mask (B, 1, T, kv_len), True where a query may attend; None for a step from position
+        0 (:func:`from_start`), whose attention then reads only its own T keys, causally.
         """
         B, T = positions.shape
         if kv_len is None:
@@ -92,16 +95,22 @@ class KVCache:
         if slots is None:
             slots = torch.arange(B, device=positions.device)
         heads = torch.arange(self.n_kv, device=positions.device)[None, :, None]  # (1, KV, 1)
-        self._step = (slots[:, None, None], heads, positions[:, None, :], kv_len, run, slots)
+        fresh = from_start(positions)
+        self._step = (slots[:, None, None], heads, positions[:, None, :], kv_len, run, slots, fresh)
+        if fresh:
+            return None
         j = torch.arange(kv_len, device=positions.device)
         return j[None, None, None, :] <= positions[:, None, :, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k/v (B, KV, T, hd) at the step's positions; return this step's view (B, KV, kv_len, hd)."""
-        rows, heads, pos, kv_len, run, slots = self._step
+        rows, heads, pos, kv_len, run, slots, fresh = self._step
         kc, vc = self.k[layer], self.v[layer]
-        kc.index_put_((rows, heads, pos), k.to(kc.dtype))  # the cache may be stored narrower (O3: fp16)
-        vc.index_put_((rows, heads, pos), v.to(vc.dtype))
+        k, v = k.to(kc.dtype), v.to(vc.dtype)  # the cache may be stored narrower (O3: fp16)
+        kc.index_put_((rows, heads, pos), k)
+        vc.index_put_((rows, heads, pos), v)
+        if fresh:  # slots 0..T-1 now hold exactly these, and the later ones are masked out
+            return k, v
         if run is not None:
             a, b = run
             return kc[a:b, :, :kv_len], vc[a:b, :, :kv_len]

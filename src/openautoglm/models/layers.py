@@ -123,6 +123,9 @@ def from_start(positions: torch.Tensor) -> bool:
     return T > 1 and bool((positions == torch.arange(T, device=positions.device)).all())
 
 
+CAUSAL_CHUNK = 128  # queries a causal attention call takes at a time (see attention)
+
+
 def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
     """q (B, H, T, hd), k/v (B, KV, S, hd), mask (B, 1, T, S) bool -> (B, T, H*hd).
 
@@ -131,10 +134,21 @@ def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     if k.dtype != q.dtype:  # a cache stored narrower than the activations
         k, v = k.to(q.dtype), v.to(q.dtype)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-                                       scale=scale, enable_gqa=gqa)
-    B, H, T, D = o.shape
-    return o.transpose(1, 2).reshape(B, T, H * D)
+    B, H, T, D = q.shape
+    if mask is not None or T <= CAUSAL_CHUNK:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale,
+                                           enable_gqa=gqa)
+        return o.transpose(1, 2).reshape(B, T, H * D)
+    # causal, in chunks of queries: chunk [i0, i1) attends to keys [0, i1) only. torch's CPU flash attention skips
+    # work above the diagonal only in blocks of 512 keys, so one call computes (then masks) every score of a prompt
+    # up to 512 tokens; chunking skips them (256 tokens: ~10% of the attention time, 512: ~2x)
+    out = q.new_empty(B, T, H, D)
+    for i0 in range(0, T, CAUSAL_CHUNK):
+        i1 = min(T, i0 + CAUSAL_CHUNK)
+        m = None if i0 == 0 else torch.arange(i1, device=q.device) <= torch.arange(i0, i1, device=q.device)[:, None]
+        out[:, i0:i1] = F.scaled_dot_product_attention(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], attn_mask=m,
+                                                       is_causal=i0 == 0, scale=scale, enable_gqa=gqa).transpose(1, 2)
+    return out.view(B, T, H * D)
 
 
 class Attention(nn.Module):

@@ -3,12 +3,19 @@
 Protocol (after llama-bench and mlx_lm.benchmark): greedy decoding of exactly ``gen_tokens`` tokens after a
 prompt of exactly ``prompt_tokens`` tokens of real text (``pydoc_data.topics``, tokenized once here and handed
 to every system as ids), one warm-up then ``trials`` timed runs; the median, min and max are reported.
+
+The systems load one after another, each in its own process, and then stay loaded: every warm-up and trial is
+a request to one of them, and the trials go round the systems in turn (one trial of each, then the next; the
+order reversed every other round). A shared machine's slow spells, which last seconds to minutes, then fall on
+every system alike instead of on whichever happened to run then, and the ratios between systems hold.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import selectors
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,28 +76,24 @@ def run_bench(model: str, configs: str = "O0:fp32,O0:bf16", peers: str = "llama.
     prompts = {str(n): make_prompt(tok, n) for n in pps}
     jobs = plan(configs, peers)
 
-    workers = []
-    with tempfile.TemporaryDirectory() as td, Progress("bench", total=len(jobs), unit=" systems",
-                                                       enabled=progress) as pb:
+    rows_wanted = [(str(n), b) for n in pps for b in bss]
+    with tempfile.TemporaryDirectory() as td, Progress("bench", total=len(jobs) * (1 + len(rows_wanted) * (1 + trials)),
+                                                       unit=" runs", enabled=progress) as pb:
+        procs = []
         for i, (system, config) in enumerate(jobs):
             spec = {"system": system, "config": config, "model": str(path), "threads": threads, "prompts": prompts,
                     "gen_tokens": gen_tokens, "trials": trials, "batch_sizes": bss}
-            sp, op = Path(td) / f"spec{i}.json", Path(td) / f"out{i}.json"
-            spec["spawn_wall"] = time.time()  # load_s counts from here: interpreter, imports, load
-            sp.write_text(json.dumps(spec))
-            try:
-                p = subprocess.run([sys.executable, "-m", "openautoglm.bench.worker", str(sp), str(op)],
-                                   capture_output=True, text=True, timeout=timeout)
-                if p.returncode != 0 or not op.exists():
-                    last = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                    w = {"system": system, "config": config, "skipped": True,
-                         "reason": f"worker failed (exit {p.returncode}): {last[:300]}"}
-                else:
-                    w = json.loads(op.read_text())
-            except subprocess.TimeoutExpired:
-                w = {"system": system, "config": config, "skipped": True, "reason": f"timed out after {timeout}s"}
-            workers.append(w)
-            pb.update(info=f"{system} {config}")
+            procs.append(_Worker(spec, Path(td) / f"spec{i}.json", Path(td) / f"err{i}.txt", timeout))
+            pb.update(info=f"{system} {config} loaded")
+        for n, b in rows_wanted:
+            for w in procs:  # warm-up (a failed or skipped system does nothing)
+                w.warm_up(n, b)
+                pb.update(info=f"{w.spec['system']} {w.spec['config']} warm-up")
+            for t in range(trials):
+                for w in (procs if t % 2 == 0 else procs[::-1]):
+                    w.trial(n, b)
+                    pb.update(info=f"{w.spec['system']} {w.spec['config']} pp{n} b{b} trial {t + 1}")
+        workers = [w.finish(rows_wanted, gen_tokens) for w in procs]
 
     rows = flatten(workers)
     machine = machine_info()
@@ -100,3 +103,110 @@ def run_bench(model: str, configs: str = "O0:fp32,O0:bf16", peers: str = "llama.
         plot(plot_path, rows, f"{Path(path).name} | {machine['cpu']} | {threads} threads | "
                               f"gen {gen_tokens} | {trials} trials")
     return {"machine": machine, "results": rows, "table": table(rows)}
+
+
+def summarize(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+class _Worker:
+    """One system's worker process (``worker.py``), driven a request at a time over its stdin/stdout."""
+
+    def __init__(self, spec: dict, spec_path: Path, err_path: Path, timeout: float):
+        self.spec, self.timeout = spec, timeout
+        self.err_path = err_path
+        self.info: dict = {"system": spec["system"], "config": spec["config"]}
+        self.rows: dict = {}  # (prompt, batch) -> {"trials": [...]} or {"skipped": reason}
+        self.first_ttft = None
+        spec["spawn_wall"] = time.time()  # load_s counts from here: interpreter, imports, load
+        spec_path.write_text(json.dumps(spec))
+        self.err = open(err_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "openautoglm.bench.worker", str(spec_path)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
+        self.ok = True
+        ready = self._read()
+        if ready is not None:
+            if ready.get("skipped"):
+                self._fail(ready["reason"])
+            else:
+                self.info.update(ready)
+
+    def _fail(self, reason: str) -> None:
+        self.info.update(skipped=True, reason=reason)
+        self.ok = False
+        self.proc.kill()
+        self.proc.wait()
+        self.err.close()
+
+    def _read(self) -> dict | None:
+        """The worker's next reply; None (and the worker marked failed) when it died or timed out."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(self.timeout):
+                self._fail(f"timed out after {self.timeout}s")
+                return None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            last = (self.err_path.read_text().strip().splitlines() or ["no output"])[-1]
+            self._fail(f"worker failed (exit {self.proc.returncode}): {last[:300]}")
+            return None
+        return json.loads(line)
+
+    def _request(self, n: str, b: int) -> dict | None:
+        try:
+            self.proc.stdin.write(json.dumps({"op": "run", "prompt": n, "batch": b}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: _read says how
+        return self._read()
+
+    def warm_up(self, n: str, b: int) -> None:
+        if not self.ok:
+            return
+        r = self._request(n, b)
+        if r is None:
+            return
+        if r.get("skipped"):
+            self.rows[(n, b)] = {"skipped": r["reason"]}
+            return
+        if self.first_ttft is None:  # the first request after loading: load-to-first-token adds it
+            self.first_ttft = self.info["first_ttft_s"] = r["ttft_s"]
+        self.rows[(n, b)] = {"trials": []}
+
+    def trial(self, n: str, b: int) -> None:
+        row = self.rows.get((n, b))
+        if not self.ok or row is None or "skipped" in row:
+            return
+        r = self._request(n, b)
+        if r is not None:
+            row["trials"].append(r)
+
+    def finish(self, rows_wanted: list, gen_tokens: int) -> dict:
+        """The worker's result in ``report.flatten``'s input form; ends the process."""
+        if self.ok:
+            self.proc.stdin.write(json.dumps({"op": "end"}) + "\n")
+            self.proc.stdin.flush()
+            end = self._read()
+            if end is not None:
+                self.info.update(end)
+                self.proc.wait()
+                self.err.close()
+        if not self.ok:
+            return self.info
+        results = []
+        for n, b in rows_wanted:
+            row = {"prompt_tokens": int(n), "gen_tokens": gen_tokens, "batch": b}
+            got = self.rows[(n, b)]
+            if "skipped" in got:
+                results.append({**row, "skipped": True, "reason": got["skipped"]})
+                continue
+            ts = got["trials"]
+            joules = [t["joules"] for t in ts]
+            n_gen = sum(t["tokens"] for t in ts)
+            results.append({
+                **row, "trials": [{k: t[k] for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")} for t in ts],
+                **{k: summarize([t[k] for t in ts]) for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")},
+                "cpu_s_per_token": sum(t["cpu_s"] for t in ts) / n_gen,
+                "joules_per_token": None if None in joules else sum(joules) / n_gen})
+        return {**self.info, "results": results}

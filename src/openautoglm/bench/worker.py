@@ -1,12 +1,12 @@
-"""One benchmark subprocess: load one system/configuration, run every prompt length and batch size, write
-JSON. Run as ``python -m openautoglm.bench.worker SPEC.json OUT.json``; peak RSS is this process's own."""
+"""One benchmark subprocess: load one system/configuration, then run the generations the parent asks for (see
+``run.py``), one at a time. Run as ``python -m openautoglm.bench.worker SPEC.json``; peak RSS is this process's
+own."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
-import statistics
 import sys
 import time
 
@@ -27,74 +27,53 @@ def rapl_energy_uj() -> int | None:
         return None
 
 
-def summarize(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+def main(spec_path: str) -> int:
+    """Load the system, report ready on stdout (one JSON line), then serve the parent's requests from stdin, one
+    JSON line each way: ``{"op": "run", "prompt": "256", "batch": 1}`` runs one generation and replies with its
+    timings; ``{"op": "end"}`` replies with this process's peak RSS and exits."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever the libraries print goes to stderr: stdout's duplicate carries only the protocol
+    sys.stdout = sys.stderr
 
+    def send(obj: dict) -> None:
+        proto.write(json.dumps(obj) + "\n")
 
-def main(spec_path: str, out_path: str) -> int:
     spec = json.loads(open(spec_path).read())
     from .systems import LlamaCpp, Ours, Skip, Transformers
 
     system, config, threads = spec["system"], spec["config"], spec["threads"]
-    out = {"system": system, "config": config, "results": []}
     n_ctx = max(int(k) for k in spec["prompts"]) + spec["gen_tokens"] + 16  # the context each system is given
-    t_init = None
     try:
         cls = {"openautoglm": Ours, "llama.cpp": LlamaCpp, "transformers": Transformers}.get(system)
-        if cls is not None:
-            cls.imports()  # the library itself, so that init_s is what a running program pays to load the model
-        t_init = time.perf_counter()
-        if system == "openautoglm":
-            sysobj = Ours(spec["model"], config, threads, n_ctx)
-        elif system == "llama.cpp":
-            sysobj = LlamaCpp(spec["model"], config, threads, n_ctx)
-        elif system == "transformers":
-            sysobj = Transformers(spec["model"], config, threads)
-        else:
+        if cls is None:
             raise Skip(f"unknown system {system}")
+        cls.imports()  # the library itself, so that init_s is what a running program pays to load the model
+        t_init = time.perf_counter()
+        sysobj = cls(spec["model"], config, threads) if cls is Transformers else cls(spec["model"], config, threads,
+                                                                                      n_ctx)
     except Skip as e:
-        out["skipped"], out["reason"] = True, str(e)
-        _write(out_path, out)
+        send({"skipped": True, "reason": str(e)})
         return 0
-    out["load_s"] = time.time() - spec["spawn_wall"]  # cold start (interpreter + imports + load) to ready
-    out["init_s"] = time.perf_counter() - t_init  # in a process that has imported the library: load to ready
-    out["weight_bytes"] = sysobj.weight_bytes()
-
-    for n_prompt, ids in spec["prompts"].items():
-        for batch in spec["batch_sizes"]:
-            row = {"prompt_tokens": int(n_prompt), "gen_tokens": spec["gen_tokens"], "batch": batch}
-            try:
-                first = sysobj.run(ids, spec["gen_tokens"], batch)  # warm-up
-                if "first_ttft_s" not in out:  # the first request after loading: load-to-first-token adds it
-                    out["first_ttft_s"] = first.ttft_s
-                cpu0, e0 = time.process_time(), rapl_energy_uj()
-                trials = [sysobj.run(ids, spec["gen_tokens"], batch) for _ in range(spec["trials"])]
-                cpu = time.process_time() - cpu0
-                e1 = rapl_energy_uj()
-            except Skip as e:
-                row.update(skipped=True, reason=str(e))
-                out["results"].append(row)
-                continue
-            n_gen = sum(t.batch * t.gen_tokens for t in trials)
-            row["trials"] = [{"ttft_s": t.ttft_s, "prefill_tok_s": t.prefill_tok_s, "decode_tok_s": t.decode_tok_s}
-                             for t in trials]
-            row["ttft_s"] = summarize([t.ttft_s for t in trials])
-            row["prefill_tok_s"] = summarize([t.prefill_tok_s for t in trials])
-            row["decode_tok_s"] = summarize([t.decode_tok_s for t in trials])
-            row["cpu_s_per_token"] = cpu / n_gen
-            row["joules_per_token"] = (e1 - e0) / 1e6 / n_gen if e0 is not None and e1 is not None else None
-            out["results"].append(row)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    _write(out_path, out)
+    send({"load_s": time.time() - spec["spawn_wall"],  # cold start (interpreter + imports + load) to ready
+          "init_s": time.perf_counter() - t_init,  # in a process that has imported the library: load to ready
+          "weight_bytes": sysobj.weight_bytes()})
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "end":
+            send({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # Linux: KiB
+            return 0
+        cpu0, e0 = time.process_time(), rapl_energy_uj()
+        try:
+            t = sysobj.run(spec["prompts"][req["prompt"]], spec["gen_tokens"], req["batch"])
+        except Skip as e:
+            send({"skipped": True, "reason": str(e)})
+            continue
+        cpu, e1 = time.process_time() - cpu0, rapl_energy_uj()
+        send({"ttft_s": t.ttft_s, "prefill_tok_s": t.prefill_tok_s, "decode_tok_s": t.decode_tok_s,
+              "tokens": t.batch * t.gen_tokens, "cpu_s": cpu,
+              "joules": (e1 - e0) / 1e6 if e0 is not None and e1 is not None else None})
     return 0
 
 
-def _write(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1]))

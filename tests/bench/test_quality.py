@@ -85,3 +85,16 @@ def test_eval_decode_scores_one_token_a_step_like_the_whole_window(tiny_engine_d
     r = run_eval(str(tiny_engine_dir), text_file=str(f), n_tokens=128, ctx=64, progress=False, opt=opt, decode=True)
     assert r.model.endswith(" decode") and r.windows == 2
     assert 0 <= r.kld_mean < 1e-6 and r.top1_agreement == 1.0
+
+
+def test_eval_peer_on_a_model_that_is_not_gguf_is_one_clear_error(tiny_engine_dir, tmp_path):
+    """llama.cpp scores GGUF files only: a safetensors model with --peer gets exit 2 and one line, before any
+    peer library is loaded (this test runs without llama-cpp-python too)."""
+    f = tmp_path / "t.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    p = subprocess.run([sys.executable, "-m", "openautoglm.cli", "eval", "--model", str(tiny_engine_dir), "--reference",
+                        str(tiny_engine_dir), "--peer", "llama.cpp", "--text", str(f), "--tokens", "64", "--ctx", "32",
+                        "-q"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    err = [l for l in p.stderr.strip().splitlines() if l]
+    assert len(err) == 1 and "GGUF" in err[0] and "Traceback" not in p.stderr

@@ -205,7 +205,12 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
     reference_scorer = OursScorer(ref_engine, "fp32")
     n_weights = count_weights(ref_engine.model)
     if peer == "llama.cpp":
-        cand = LlamaCppScorer(ref_engine.model_path if reference is None else model, ctx, decode=decode)
+        from ..hub import resolve
+
+        path = Path(ref_engine.model_path if reference is None else resolve(model))
+        if not (path.is_file() and path.suffix.lower() == ".gguf"):
+            raise InvalidParameterError(f"--peer llama.cpp scores a GGUF file, and {model} is not one")
+        cand = LlamaCppScorer(path, ctx, decode=decode)
     elif peer:
         raise InvalidParameterError(f"unknown peer {peer!r} (eval supports llama.cpp)")
     elif reference is None and dtype == "fp32" and opt == "O0" and not decode:

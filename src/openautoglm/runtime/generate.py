@@ -173,8 +173,8 @@ class Generation:
                     return
                 # finished rows keep running on their last position (no cache growth): the batch shape stays
                 # static and the live rows are unaffected
-                done = torch.tensor([s.finish_reason is not None for s in seqs])
-                step_pos = torch.where(done, pos - 1, pos)
+                done = [s.finish_reason is not None for s in seqs]
+                step_pos = torch.where(torch.tensor(done), pos - 1, pos) if any(done) else pos
                 pos = step_pos + 1
                 logits = model(next_ids[:, None].to(device), step_pos[:, None].to(device), cache)[:, -1]
 

@@ -7,7 +7,12 @@ from openautoglm.loader import load_model
 from openautoglm.runtime.kv_cache import KVCache
 
 
-def test_incremental_decode_matches_full_forward(hf_tiny):
+@pytest.mark.parametrize("steps", [
+    [(0, 10)] + [(t, t + 1) for t in range(10, 24)],  # a prefill, then one token a step
+    [(0, 9), (9, 17), (17, 24)],  # a prompt in chunks: the first (from position 0) attends to its own keys
+    # causally, without a mask; the later ones attend to the cache through the mask
+])
+def test_cached_steps_match_full_forward(hf_tiny, steps):
     _, _, d = hf_tiny
     model, _ = load_model(d, progress=False)
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(5))
@@ -15,24 +20,8 @@ def test_incremental_decode_matches_full_forward(hf_tiny):
         full = model(ids)
         cache = KVCache.for_model(model, batch=2, max_len=32)
         pos = torch.arange(24).expand(2, 24)
-        steps = [model(ids[:, :10], pos[:, :10], cache)]
-        for t in range(10, 24):
-            steps.append(model(ids[:, t : t + 1], pos[:, t : t + 1], cache))
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
-
-
-def test_chunked_prefill_matches_full_forward(hf_tiny):
-    """A prompt prefilled in chunks: the first one (from position 0) attends to its own keys causally, without a
-    mask; the later ones attend to the cache through the mask. Both must give the full forward's logits."""
-    _, _, d = hf_tiny
-    model, _ = load_model(d, progress=False)
-    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        full = model(ids)
-        cache = KVCache.for_model(model, batch=2, max_len=32)
-        pos = torch.arange(24).expand(2, 24)
-        chunks = [model(ids[:, a:b], pos[:, a:b], cache) for a, b in ((0, 9), (9, 17), (17, 24))]
-    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-4, rtol=0)
+        out = [model(ids[:, a:b], pos[:, a:b], cache) for a, b in steps]
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-4, rtol=0)
 
 
 def test_rows_at_different_positions_match_single_runs(hf_tiny):

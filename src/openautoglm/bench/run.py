@@ -117,7 +117,6 @@ class _Worker:
         self.err_path = err_path
         self.info: dict = {"system": spec["system"], "config": spec["config"]}
         self.rows: dict = {}  # (prompt, batch) -> {"trials": [...]} or {"skipped": reason}
-        self.first_ttft = None
         spec["spawn_wall"] = time.time()  # load_s counts from here: interpreter, imports, load
         spec_path.write_text(json.dumps(spec))
         self.err = open(err_path, "w")
@@ -170,8 +169,7 @@ class _Worker:
         if r.get("skipped"):
             self.rows[(n, b)] = {"skipped": r["reason"]}
             return
-        if self.first_ttft is None:  # the first request after loading: load-to-first-token adds it
-            self.first_ttft = self.info["first_ttft_s"] = r["ttft_s"]
+        self.info.setdefault("first_ttft_s", r["ttft_s"])  # the first request: load-to-first-token adds it
         self.rows[(n, b)] = {"trials": []}
 
     def trial(self, n: str, b: int) -> None:

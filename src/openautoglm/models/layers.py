@@ -129,8 +129,8 @@ CAUSAL_CHUNK = 128  # queries a causal attention call takes at a time (see atten
 def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
     """q (B, H, T, hd), k/v (B, KV, S, hd), mask (B, 1, T, S) bool -> (B, T, H*hd).
 
-    ``mask=None``: k/v are the T positions of q themselves, attended causally. SDPA then skips the blocks above
-    the diagonal instead of reading a mask over the whole planned cache (prefill's attention: 3-4x less work)."""
+    ``mask=None``: k/v are the T positions of q themselves, attended causally, instead of a mask over the whole
+    planned cache (SmolLM2, a 256-token prompt over a 512-slot plan: 47 -> 30 ms of attention a prefill)."""
     gqa = q.shape[1] != k.shape[1]
     if k.dtype != q.dtype:  # a cache stored narrower than the activations
         k, v = k.to(q.dtype), v.to(q.dtype)
@@ -141,7 +141,7 @@ def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
         return o.transpose(1, 2).reshape(B, T, H * D)
     # causal, in chunks of queries: chunk [i0, i1) attends to keys [0, i1) only. torch's CPU flash attention skips
     # work above the diagonal only in blocks of 512 keys, so one call computes (then masks) every score of a prompt
-    # up to 512 tokens; chunking skips them (256 tokens: ~10% of the attention time, 512: ~2x)
+    # up to 512 tokens; chunking skips them (SmolLM2 512-token prefill 381 -> 353 ms; 256 tokens within noise)
     out = q.new_empty(B, T, H, D)
     for i0 in range(0, T, CAUSAL_CHUNK):
         i1 = min(T, i0 + CAUSAL_CHUNK)

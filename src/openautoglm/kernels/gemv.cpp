@@ -274,7 +274,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_v
     const A8 &a, const uint8_t *q, const uint16_t *s, const uint16_t *z, uint16_t *y, int64_t M, int64_t N,
     int64_t K, int64_t g, int64_t n0, int64_t n1) {
     const int64_t G = K / g, KB = K / 2, B = K / 32, bpg = g / 32, C = a.C, Cf = B / 4;
-    // lane l of a chunk reads the scale of group (4c + l/4) / bpg, i.e. word (l/4)/bpg from the chunk's first group
+    // bpg is a power of two (int4_a8_path), so a chunk of 4 blocks starts at a group boundary or inside one group:
+    // lane l of a chunk reads the scale of group (4c + l/4) / bpg, i.e. word (l/4)/bpg from the chunk's first group,
+    // 4c >> lg (a shift, not a 64-bit division in the chunk loop)
+    const int lg = __builtin_ctzll(static_cast<unsigned long long>(bpg));
     alignas(64) uint16_t ix[32];
     for (int l = 0; l < 16; l++) ix[2 * l] = 0, ix[2 * l + 1] = static_cast<uint16_t>((l / 4) / bpg);
     const __m512i idx = _mm512_load_si512(ix);
@@ -297,7 +300,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_v
                 const __mmask8 sk = tail ? sk_tail : sk_full;
                 const __m512i xe = _mm512_loadu_si512(xb + c * 128), xo = _mm512_loadu_si512(xb + c * 128 + 64);
                 const __m512 dv = _mm512_loadu_ps(dl + c * 16);
-                const int64_t off = c * 64, so = (4 * c) / bpg;
+                const int64_t off = c * 64, so = (4 * c) >> lg;
                 const uint8_t *pf = q0 + PF_ROWS * KB + off;
                 _mm_prefetch(reinterpret_cast<const char *>(pf), _MM_HINT_T0);
                 _mm_prefetch(reinterpret_cast<const char *>(pf + KB), _MM_HINT_T0);
@@ -325,7 +328,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_v
             for (int64_t c = 0; c < C; c++) {
                 const bool tail = c == Cf;
                 acc = chunk_a8(acc, _mm512_maskz_loadu_epi8(tail ? ck_tail : ~0ull, q + n * KB + c * 64),
-                               s + n * G + (4 * c) / bpg, tail ? sk_tail : sk_full, idx, _mm512_loadu_si512(xb + c * 128),
+                               s + n * G + ((4 * c) >> lg), tail ? sk_tail : sk_full, idx, _mm512_loadu_si512(xb + c * 128),
                                _mm512_loadu_si512(xb + c * 128 + 64), _mm512_loadu_ps(dl + c * 16));
             }
             y[m * N + n] = to_bf16(_mm512_reduce_add_ps(zterm_a8(acc, s + n * G, z + n * G, sg, G)));
@@ -915,8 +918,13 @@ bool has(const char *feature) {
 
 // the path a call takes: 1 = vectorized, 0 = scalar (forced to 0 with path=0, for the tests)
 int64_t int4_path(int64_t g) { return (g % 32 == 0 && has("avx512bf16")) ? 1 : 0; }
-// int4_gemv_a8 has no scalar path: 2 = AVX512-VNNI, 1 = AVX2, 0 = not available
-int64_t int4_a8_path(int64_t g) { return g % 32 ? 0 : has("avx512vnni") ? 2 : has("avx2") ? 1 : 0; }
+// int4_gemv_a8 has no scalar path: 2 = AVX512-VNNI (groups of 32 x a power of two: see int4_rows_vnni), 1 = AVX2,
+// 0 = not available
+int64_t int4_a8_path(int64_t g) {
+    if (g <= 0 || g % 32) return 0;
+    const int64_t bpg = g / 32;
+    return (bpg & (bpg - 1)) == 0 && has("avx512vnni") ? 2 : has("avx2") ? 1 : 0;
+}
 int64_t int8_path(int64_t K) { return K % 16 ? 0 : has("avx512") ? 2 : has("avx2") ? 1 : 0; }  // 1 = AVX2, 2 = AVX-512
 int64_t attn_path(int64_t D) {
 #ifdef OAG_X86

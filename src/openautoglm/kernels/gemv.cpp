@@ -131,6 +131,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m12
     return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), w));
 }
 
+// four fp32 -> bf16 as to_bf16 (round to nearest even, NaN -> 0x7FC0) without its per-value branch
+__attribute__((target("avx512f,avx512vl,sse4.1"), always_inline)) inline void store4_bf16(uint16_t *dst, __m128 v) {
+    const __m128i u = _mm_castps_si128(v);
+    const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+    __m128i r = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(u, _mm_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm_mask_mov_epi32(r, _mm_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm_set1_epi32(0x7FC0));
+    _mm_storel_epi64(reinterpret_cast<__m128i *>(dst), _mm_packus_epi32(r, r));
+}
+
 // 16 bytes (32 codes) per step: g % 32 == 0.  Four rows at a time share the activation loads.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void int4_rows_avx512bf16(
     const uint16_t *x, const float *xs, const uint8_t *q, const uint16_t *s, const uint16_t *z, uint16_t *y,
@@ -269,7 +278,10 @@ OAG_VNNI __m512 chunk_a8(__m512 acc, __m512i c, const uint16_t *sp, __mmask8 sk,
 // rows ahead whose codes a pass prefetches (decode streams the weights from DRAM once; the hardware prefetcher
 // alone keeps too few lines in flight: ~5 GB/s a core here against ~8 streaming).  8-16 measured alike.
 constexpr int64_t PF_ROWS = 8;
-// g % 32 == 0.  Four rows at a time share the activation loads.
+// rows a pass: they share the activation loads, and their epilogues (zero-point term, horizontal sums, bf16 stores)
+// overlap.  8 rather than 4: 8-12% faster per call on the Xeon VM (gate/up 3072x576 in L2: 55 -> 48-53 us on one core)
+constexpr int RR = 8;
+// g % 32 == 0.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_vnni(
     const A8 &a, const uint8_t *q, const uint16_t *s, const uint16_t *z, uint16_t *y, int64_t M, int64_t N,
     int64_t K, int64_t g, int64_t n0, int64_t n1) {
@@ -289,9 +301,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_v
         const int8_t *xb = a.xb.data() + m * C * 128;
         const float *dl = a.dl.data() + m * C * 16, *sg = a.sg.data() + m * a.Gp;
         int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) {
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
-                   acc3 = _mm512_setzero_ps();
+        for (; n + RR <= n1; n += RR) {
+            __m512 acc[RR];
+#pragma GCC unroll 16
+            for (int r = 0; r < RR; r++) acc[r] = _mm512_setzero_ps();
             const uint8_t *q0 = q + n * KB;
             const uint16_t *s0 = s + n * G;
             for (int64_t c = 0; c < C; c++) {
@@ -302,26 +315,22 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_v
                 const __m512 dv = _mm512_loadu_ps(dl + c * 16);
                 const int64_t off = c * 64, so = (4 * c) >> lg;
                 const uint8_t *pf = q0 + PF_ROWS * KB + off;
-                _mm_prefetch(reinterpret_cast<const char *>(pf), _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char *>(pf + KB), _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char *>(pf + 2 * KB), _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char *>(pf + 3 * KB), _MM_HINT_T0);
-                acc0 = chunk_a8(acc0, _mm512_maskz_loadu_epi8(ck, q0 + off), s0 + so, sk, idx, xe, xo, dv);
-                acc1 = chunk_a8(acc1, _mm512_maskz_loadu_epi8(ck, q0 + KB + off), s0 + G + so, sk, idx, xe, xo, dv);
-                acc2 = chunk_a8(acc2, _mm512_maskz_loadu_epi8(ck, q0 + 2 * KB + off), s0 + 2 * G + so, sk, idx, xe,
-                                xo, dv);
-                acc3 = chunk_a8(acc3, _mm512_maskz_loadu_epi8(ck, q0 + 3 * KB + off), s0 + 3 * G + so, sk, idx, xe,
-                                xo, dv);
+#pragma GCC unroll 16
+                for (int r = 0; r < RR; r++) _mm_prefetch(reinterpret_cast<const char *>(pf + r * KB), _MM_HINT_T0);
+#pragma GCC unroll 16
+                for (int r = 0; r < RR; r++)
+                    acc[r] = chunk_a8(acc[r], _mm512_maskz_loadu_epi8(ck, q0 + r * KB + off), s0 + r * G + so, sk, idx, xe, xo, dv);
             }
-            for (int64_t i = 0; i < 4 * G * 2; i += 32) {  // the next rows' scales and zeros
+            for (int64_t i = 0; i < RR * G * 2; i += 64) {  // the next rows' scales and zeros
                 _mm_prefetch(reinterpret_cast<const char *>(s0 + PF_ROWS * G) + i, _MM_HINT_T0);
                 _mm_prefetch(reinterpret_cast<const char *>(z + (n + PF_ROWS) * G) + i, _MM_HINT_T0);
             }
-            alignas(16) float r[4];
-            _mm_store_ps(r, reduce4(zterm_a8(acc0, s0, z + n * G, sg, G), zterm_a8(acc1, s0 + G, z + (n + 1) * G, sg, G),
-                                    zterm_a8(acc2, s0 + 2 * G, z + (n + 2) * G, sg, G),
-                                    zterm_a8(acc3, s0 + 3 * G, z + (n + 3) * G, sg, G)));
-            for (int i = 0; i < 4; i++) y[m * N + n + i] = to_bf16(r[i]);
+#pragma GCC unroll 16
+            for (int r = 0; r < RR; r += 4)
+                store4_bf16(y + m * N + n + r, reduce4(zterm_a8(acc[r], s0 + r * G, z + (n + r) * G, sg, G),
+                                                       zterm_a8(acc[r + 1], s0 + (r + 1) * G, z + (n + r + 1) * G, sg, G),
+                                                       zterm_a8(acc[r + 2], s0 + (r + 2) * G, z + (n + r + 2) * G, sg, G),
+                                                       zterm_a8(acc[r + 3], s0 + (r + 3) * G, z + (n + r + 3) * G, sg, G)));
         }
         for (; n < n1; n++) {
             __m512 acc = _mm512_setzero_ps();

@@ -165,7 +165,18 @@ def test_int4_gemv_a8_is_the_dequantized_weights_times_the_quantized_activations
     assert bool(((x.double() @ wd.t() - ref).abs() > tol).any())
 
 
-@pytest.mark.parametrize("shape", [(37, 576), (1029, 1536), (5, 24)])  # K=24: not a multiple of 16, scalar
+def _a16_reference(x: torch.Tensor) -> torch.Tensor:
+    # int16 activations, one scale a row, in the operator's own fp32 steps: d = max|x| / 16383,
+    # q = round-half-even(x * (16383 / max|x|)); returned dequantized (q * d, exact in float64)
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    q = torch.round(xf * torch.where(amax > 0, 16383 / amax, torch.zeros_like(amax)))
+    assert q.abs().max() <= 16383
+    return q.double() * (amax / 16383).double()
+
+
+# K=8224: two int32 segments on the VNNI path; K=24: not a multiple of 16, the scalar path only
+@pytest.mark.parametrize("shape", [(37, 576), (1029, 1536), (9, 8224), (5, 24)])
 def test_int8_gemv_matches_the_dequantized_reference(shape):
     _ops()
     from openautoglm.quant.modules import Int8Linear
@@ -173,10 +184,17 @@ def test_int8_gemv_matches_the_dequantized_reference(shape):
     g = torch.Generator().manual_seed(shape[0])
     m = Int8Linear(*P.int8_per_channel(torch.randn(shape, generator=g)), None)
     x = torch.randn(2, shape[1], generator=g).to(torch.bfloat16)
-    ref = x.double() @ m.dequantized().double().t()
-    best = {"scalar": 0, "avx2": 1, "avx512": 2}[kernels.gemv_path("int8", shape[1])]
-    for path in range(best + 1):
+    x[:, ::97] *= 20  # outlier channels
+    x[1, :] = 0  # an all-zero row (d = 0)
+    wd = m.dequantized().double()
+    ref = x.double() @ wd.t()
+    best = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}[kernels.gemv_path("int8", shape[1])]
+    for path in range(min(best, 2) + 1):  # bf16 activations taken exactly
         _close_to_bf16_rounding(kernels.int8_gemv(x, m.qweight, m.scales, path=path), ref)
+    if best == 3:  # int16 activations: the exact product with them, rounded once
+        ref16 = _a16_reference(x) @ wd.t()
+        _close_to_bf16_rounding(kernels.int8_gemv(x, m.qweight, m.scales, path=3), ref16)
+        assert not torch.equal(_a16_reference(x), x.double())  # the quantization is really applied
 
 
 def test_gemv_rejects_bad_input():

@@ -231,14 +231,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def gemv_path(kind: str, arg: int) -> str:
     """The code path a call takes on this CPU: 'avx512', 'avx2' or 'scalar' ('' without the operators). ``kind`` is
-    'int4' (``arg`` = group size), 'int8' (``arg`` = K) or 'int4-a8' ('avx512vnni' or 'avx2' where the CPU has
-    it and ``arg`` is a multiple of 32, else '': that operator has no scalar path)."""
+    'int4' (``arg`` = group size), 'int8' (``arg`` = K; 'avx512vnni' where the CPU has it and K is a multiple of
+    32: int16 activations) or 'int4-a8' ('avx512vnni' or 'avx2' where the CPU has it and ``arg`` is a multiple of
+    32, else '': that operator has no scalar path)."""
     if not load_ops():
         return ""
     if kind == "int4-a8":
         return ("", "avx2", "avx512vnni")[torch.ops.openautoglm.int4_gemv_a8_path(arg)]
     if kind == "int8":
-        return ("scalar", "avx2", "avx512")[torch.ops.openautoglm.int8_gemv_path(arg)]
+        return ("scalar", "avx2", "avx512", "avx512vnni")[torch.ops.openautoglm.int8_gemv_path(arg)]
     return ("scalar", "avx512")[torch.ops.openautoglm.int4_gemv_path(arg)]
 
 
@@ -260,5 +261,8 @@ def int4_gemv_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, path: int = -1) -> torch.Tensor:
-    """(M, K) bf16 activations x int8 per-channel weights (N, K), scales (N,) bf16 -> (M, N) bf16."""
+    """(M, K) bf16 activations x int8 per-channel weights (N, K), scales (N,) bf16 -> (M, N) bf16. Paths 1-2
+    (AVX2, AVX-512) take the activations exactly (fp32); path 3 (AVX512-VNNI, K a multiple of 32) quantizes each
+    activation row to int16 with one scale (``d = max|x| / 16383``, round half to even) and computes the exact
+    integer dot product, scaled once: ~3x fewer vector operations per weight."""
     return torch.ops.openautoglm.int8_gemv(x, qweight, scales, path)

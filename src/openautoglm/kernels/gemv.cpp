@@ -532,6 +532,85 @@ __attribute__((target("avx512f,avx512bw"))) void int8_rows_avx512(const float *x
     }
 }
 
+// ---- int8 weights x int16 activations (AVX512-VNNI vpdpwssd) ----
+// Each activation row is quantized to int16 with one scale, d = max|x| / A16 and xq = round(x / d) (|xq| <= A16,
+// 15 bits: at least bf16's 8 significant bits for every element within 2^7 of the row's largest).  32 products a
+// vpdpwssd (widened codes x xq, pairs summed into 32-bit lanes), exact in int32 over segments of K16_SEG, then
+// y = s * d * sum in fp32.  Against the fp32 path: ~3x fewer vector operations per weight (a sign-extension and a
+// dot product per 32 weights instead of a widening, a conversion and an FMA per 16): the head (49152 x 576)
+// is compute-bound on one core there (~26 GB/s a core, in cache or not).
+constexpr int A16 = 16383;
+constexpr int64_t K16_SEG = 4096;  // per lane K/16 products of at most A16 * 128 each: |sum| < 2^31 within a segment
+
+struct X16 {
+    std::vector<int16_t> q;  // (M, K)
+    std::vector<float> d;    // (M,)
+};
+
+X16 quantize_x16(const uint16_t *x, int64_t M, int64_t K) {
+    X16 a;
+    a.q.resize(M * K);
+    a.d.resize(M);
+    for (int64_t m = 0; m < M; m++) {
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(bf(x[m * K + k])));
+        const float inv = amax > 0.f ? static_cast<float>(A16) / amax : 0.f;
+        a.d[m] = amax / static_cast<float>(A16);
+        for (int64_t k = 0; k < K; k++)
+            a.q[m * K + k] = static_cast<int16_t>(std::nearbyint(bf(x[m * K + k]) * inv));  // nearest even
+    }
+    return a;
+}
+
+OAG_VNNI __m512i dot32_i8i16(__m512i acc, const int8_t *w, __m512i xv) {
+    return _mm512_dpwssd_epi32(acc, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(w))), xv);
+}
+
+// 32 weights a step: K % 32 == 0.  Four rows at a time share the activation loads.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int8_rows_vnni(
+    const X16 &a, const int8_t *q, const uint16_t *s, uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t n0,
+    int64_t n1) {
+    for (int64_t m = 0; m < M; m++) {
+        const int16_t *xm = a.q.data() + m * K;
+        const float dm = a.d[m];
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
+            __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+            const int8_t *r = q + n * K;
+            for (int64_t k0 = 0; k0 < K; k0 += K16_SEG) {
+                __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t k = k0; k < std::min(K, k0 + K16_SEG); k += 32) {
+                    if (k % 64 == 0)
+                        for (int i = 0; i < 4; i++)
+                            _mm_prefetch(reinterpret_cast<const char *>(r + (PF_ROWS + i) * K + k), _MM_HINT_T0);
+                    const __m512i xv = _mm512_loadu_si512(xm + k);
+                    a0 = dot32_i8i16(a0, r + k, xv);
+                    a1 = dot32_i8i16(a1, r + K + k, xv);
+                    a2 = dot32_i8i16(a2, r + 2 * K + k, xv);
+                    a3 = dot32_i8i16(a3, r + 3 * K + k, xv);
+                }
+                f0 = _mm512_add_ps(f0, _mm512_cvtepi32_ps(a0));
+                f1 = _mm512_add_ps(f1, _mm512_cvtepi32_ps(a1));
+                f2 = _mm512_add_ps(f2, _mm512_cvtepi32_ps(a2));
+                f3 = _mm512_add_ps(f3, _mm512_cvtepi32_ps(a3));
+            }
+            const __m128 sv = _mm_castsi128_ps(_mm_slli_epi32(
+                _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(s + n))), 16));
+            store4_bf16(y + m * N + n, _mm_mul_ps(_mm_mul_ps(reduce4(f0, f1, f2, f3), sv), _mm_set1_ps(dm)));
+        }
+        for (; n < n1; n++) {
+            __m512 f = _mm512_setzero_ps();
+            for (int64_t k0 = 0; k0 < K; k0 += K16_SEG) {
+                __m512i acc = _mm512_setzero_si512();
+                for (int64_t k = k0; k < std::min(K, k0 + K16_SEG); k += 32)
+                    acc = dot32_i8i16(acc, q + n * K + k, _mm512_loadu_si512(xm + k));
+                f = _mm512_add_ps(f, _mm512_cvtepi32_ps(acc));
+            }
+            y[m * N + n] = to_bf16(_mm512_reduce_add_ps(f) * bf(s[n]) * dm);
+        }
+    }
+}
+
 // 8 int8 weights -> fp32
 OAG_AVX2 __m256 widen8_avx2(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
@@ -934,7 +1013,11 @@ int64_t int4_a8_path(int64_t g) {
     const int64_t bpg = g / 32;
     return (bpg & (bpg - 1)) == 0 && has("avx512vnni") ? 2 : has("avx2") ? 1 : 0;
 }
-int64_t int8_path(int64_t K) { return K % 16 ? 0 : has("avx512") ? 2 : has("avx2") ? 1 : 0; }  // 1 = AVX2, 2 = AVX-512
+// 1 = AVX2, 2 = AVX-512 (fp32 activations), 3 = AVX512-VNNI (int16 activations, K % 32 == 0)
+int64_t int8_path(int64_t K) {
+    if (K % 16) return 0;
+    return K % 32 == 0 && has("avx512vnni") ? 3 : has("avx512") ? 2 : has("avx2") ? 1 : 0;
+}
 int64_t attn_path(int64_t D) {
 #ifdef OAG_X86
     if (has("avx512") && attn_avx512_for(D, 1) != nullptr) return 2;
@@ -1031,12 +1114,14 @@ at::Tensor int8_gemv(const at::Tensor &x_, const at::Tensor &qweight_, const at:
     auto *yp = reinterpret_cast<uint16_t *>(y.data_ptr());
     const int64_t use = path < 0 ? int8_path(K) : std::min(path, int8_path(K));
     std::vector<float> xf;
-    if (use >= 1) {
+    if (use == 1 || use == 2) {
         xf.resize(M * K);
         for (int64_t i = 0; i < M * K; i++) xf[i] = bf(xp[i]);
     }
+    const X16 x16 = use == 3 ? quantize_x16(xp, M, K) : X16{};
     at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
 #ifdef OAG_X86
+        if (use == 3) return int8_rows_vnni(x16, qp, sp, yp, M, N, K, n0, n1);
         if (use == 2) return int8_rows_avx512(xf.data(), qp, sp, yp, M, N, K, n0, n1);
         if (use == 1) return int8_rows_avx2(xf.data(), qp, sp, yp, M, N, K, n0, n1);
 #endif

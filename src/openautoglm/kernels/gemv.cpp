@@ -205,10 +205,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void int4_rows_a
 // The result is the exact dot product of the dequantized weights with the quantized activations, in fp32.
 
 struct A8 {  // one call's quantized activations
-    int64_t C, Gp;          // chunks of 4 blocks; groups rounded up to 16
+    int64_t C, Gp;          // chunks of 4 blocks; groups rounded up to 32
     std::vector<int8_t> xb;  // (M, C, 2, 64): even then odd positions of 4 blocks
     std::vector<float> dl;   // (M, C, 16): lane l -> d of the block of 8 it covers (0 past the end)
-    std::vector<float> sg;   // (M, Gp): sum over a group's blocks of d_b * sum(xq_b) (0 past the end)
+    std::vector<float> sg;   // (M, Gp): sum over a group's blocks of d_b * sum(xq_b) (0 past the end); in each
+                             // 32 groups the 16 even ones, then the 16 odd ones (the fp32 halves of 32 bf16 words)
     std::vector<float> ds;   // AVX2 path, instead of sg: (M, C, 16) as dl, d_b * sum(xq_b) of the block of 8
 };
 
@@ -217,7 +218,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) A8 quantize_a8(const uint16
     const int64_t B = K / 32, G = K / g, bpg = g / 32;
     A8 a;
     a.C = (B + 3) / 4;
-    a.Gp = (G + 15) / 16 * 16;
+    a.Gp = (G + 31) / 32 * 32;
     a.xb.assign(M * a.C * 128, 0);
     a.dl.assign(M * a.C * 16, 0.f);
     a.sg.assign(M * a.Gp, 0.f);
@@ -243,19 +244,26 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) A8 quantize_a8(const uint16
             _mm_storeu_ps(a.dl.data() + (m * a.C + b / 4) * 16 + (b % 4) * 4,
                           _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                                                                         0, 0, 12, 8, 4, 0), d)));
-            a.sg[m * a.Gp + b / bpg] += _mm512_reduce_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(ei, oi))));
+            const int64_t j = b / bpg;
+            a.sg[m * a.Gp + j / 32 * 32 + (j % 2) * 16 + (j % 32) / 2] +=
+                _mm512_reduce_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(ei, oi))));
         }
     return a;
 }
 
-// sum_j (z_j - 8 s_j) * sg_j over a row's groups, spread over lanes (sg is zero past G; s, z are read masked)
+// sum_j (z_j - 8 s_j) * sg_j over a row's groups, spread over lanes (sg is zero past G; s, z are read masked): 32
+// groups a step, their bf16 words split into the even and odd ones by a shift and a mask (sg is laid out to match)
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512 zterm_a8(
     __m512 acc, const uint16_t *sr, const uint16_t *zr, const float *sg, int64_t G) {
-    for (int64_t j = 0; j < G; j += 16) {
-        const __mmask16 k = G - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - j)) - 1);
-        const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, sr + j)), 16));
-        const __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, zr + j)), 16));
-        acc = _mm512_fmadd_ps(_mm512_fmadd_ps(sv, _mm512_set1_ps(-8.f), zv), _mm512_loadu_ps(sg + j), acc);
+    const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m512 m8 = _mm512_set1_ps(-8.f);
+    for (int64_t j = 0; j < G; j += 32) {
+        const __mmask32 k = G - j >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << (G - j)) - 1);
+        const __m512i sv = _mm512_maskz_loadu_epi16(k, sr + j), zv = _mm512_maskz_loadu_epi16(k, zr + j);
+        const __m512 se = _mm512_castsi512_ps(_mm512_slli_epi32(sv, 16)), ze = _mm512_castsi512_ps(_mm512_slli_epi32(zv, 16));
+        const __m512 so = _mm512_castsi512_ps(_mm512_and_si512(sv, hi16)), zo = _mm512_castsi512_ps(_mm512_and_si512(zv, hi16));
+        acc = _mm512_fmadd_ps(_mm512_fmadd_ps(se, m8, ze), _mm512_loadu_ps(sg + j), acc);
+        acc = _mm512_fmadd_ps(_mm512_fmadd_ps(so, m8, zo), _mm512_loadu_ps(sg + j + 16), acc);
     }
     return acc;
 }
@@ -273,6 +281,17 @@ OAG_VNNI __m512 chunk_a8(__m512 acc, __m512i c, const uint16_t *sp, __mmask8 sk,
     const __m512i sv = _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, idx,
                                                       _mm512_castsi128_si512(_mm_maskz_loadu_epi16(sk, sp)));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(_mm512_castsi512_ps(sv), dv), acc);
+}
+
+// the same for a tail chunk of 1 or 2 blocks in 256-bit registers (lanes 0-7; a 512-bit masked chunk costs as much
+// as a full one: K=576 took as long as K=640)
+OAG_VNNI __m256 half_chunk_a8(__m256i c, const uint16_t *sp, __mmask8 sk, __m256i idx, __m256i xe, __m256i xo,
+                              __m256 dv) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(c, m4), xe);
+    a = _mm256_dpbusd_epi32(a, _mm256_and_si256(_mm256_srli_epi16(c, 4), m4), xo);
+    const __m256i sv = _mm256_maskz_permutexvar_epi16(0xAAAAu, idx, _mm256_castsi128_si256(_mm_maskz_loadu_epi16(sk, sp)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(_mm256_castsi256_ps(sv), dv));
 }
 
 // rows ahead whose codes a pass prefetches (decode streams the weights from DRAM once; the hardware prefetcher
@@ -293,6 +312,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_v
     alignas(64) uint16_t ix[32];
     for (int l = 0; l < 16; l++) ix[2 * l] = 0, ix[2 * l + 1] = static_cast<uint16_t>((l / 4) / bpg);
     const __m512i idx = _mm512_load_si512(ix);
+    const __m256i idx256 = _mm512_castsi512_si256(idx);
     const __mmask8 sk_full = static_cast<__mmask8>((1u << std::max<int64_t>(1, 4 / bpg)) - 1);
     const int64_t tb = B - Cf * 4;  // blocks in the tail chunk
     const __mmask64 ck_tail = tb ? ((~0ull) >> (64 - 16 * tb)) : 0;
@@ -307,10 +327,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_v
             for (int r = 0; r < RR; r++) acc[r] = _mm512_setzero_ps();
             const uint8_t *q0 = q + n * KB;
             const uint16_t *s0 = s + n * G;
-            for (int64_t c = 0; c < C; c++) {
-                const bool tail = c == Cf;
-                const __mmask64 ck = tail ? ck_tail : ~0ull;
-                const __mmask8 sk = tail ? sk_tail : sk_full;
+            for (int64_t c = 0; c < Cf; c++) {
                 const __m512i xe = _mm512_loadu_si512(xb + c * 128), xo = _mm512_loadu_si512(xb + c * 128 + 64);
                 const __m512 dv = _mm512_loadu_ps(dl + c * 16);
                 const int64_t off = c * 64, so = (4 * c) >> lg;
@@ -319,7 +336,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_rows_v
                 for (int r = 0; r < RR; r++) _mm_prefetch(reinterpret_cast<const char *>(pf + r * KB), _MM_HINT_T0);
 #pragma GCC unroll 16
                 for (int r = 0; r < RR; r++)
-                    acc[r] = chunk_a8(acc[r], _mm512_maskz_loadu_epi8(ck, q0 + r * KB + off), s0 + r * G + so, sk, idx, xe, xo, dv);
+                    acc[r] = chunk_a8(acc[r], _mm512_loadu_si512(q0 + r * KB + off), s0 + r * G + so, sk_full, idx, xe,
+                                      xo, dv);
+            }
+            if (tb > 2) {  // a tail of 3 blocks: masked 512-bit
+                const __m512i xe = _mm512_loadu_si512(xb + Cf * 128), xo = _mm512_loadu_si512(xb + Cf * 128 + 64);
+                const __m512 dv = _mm512_loadu_ps(dl + Cf * 16);
+#pragma GCC unroll 16
+                for (int r = 0; r < RR; r++)
+                    acc[r] = chunk_a8(acc[r], _mm512_maskz_loadu_epi8(ck_tail, q0 + r * KB + Cf * 64),
+                                      s0 + r * G + ((4 * Cf) >> lg), sk_tail, idx, xe, xo, dv);
+            } else if (tb) {  // 1 or 2 blocks: 256-bit
+                const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb + Cf * 128)),
+                              xo = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb + Cf * 128 + 64));
+                const __m256 dv = _mm256_loadu_ps(dl + Cf * 16);
+#pragma GCC unroll 16
+                for (int r = 0; r < RR; r++)
+                    acc[r] = _mm512_add_ps(acc[r], _mm512_zextps256_ps512(half_chunk_a8(
+                        _mm256_maskz_loadu_epi8(static_cast<__mmask32>(ck_tail), q0 + r * KB + Cf * 64),
+                        s0 + r * G + ((4 * Cf) >> lg), sk_tail, idx256, xe, xo, dv)));
             }
             for (int64_t i = 0; i < RR * G * 2; i += 64) {  // the next rows' scales and zeros
                 _mm_prefetch(reinterpret_cast<const char *>(s0 + PF_ROWS * G) + i, _MM_HINT_T0);

@@ -135,7 +135,8 @@ def _a8_reference(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("group,shape", [(32, (37, 576)), (64, (130, 576)), (32, (130, 1536)), (128, (37, 1536)),
                                          (256, (130, 1536)), (32, (9, 96)),  # K=576, 96: a partial last chunk
-                                         (96, (37, 576)), (192, (37, 1536))])  # groups of 3 and 6 blocks of 32
+                                         (96, (37, 576)), (192, (37, 1536)),  # groups of 3 and 6 blocks of 32
+                                         (32, (37, 544))])  # a last chunk of 1 block (576: 2, 96: 3)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_int4_gemv_a8_is_the_dequantized_weights_times_the_quantized_activations(group, shape, rows):
     _ops()

@@ -11,7 +11,8 @@ planned batch; prefill: the planned chunk) it times the implementations this CPU
   (AVX2 only: its bf16 GEMMs run 5-8x slower than fp32 ones);
 - ``w8a8``: for int8 weight-only layers, int8 activations per token and ``torch._int_mm``;
 - ``gemv``: for int4 and int8 weight-only layers at decode's few rows, our weight-only GEMV operators
-  (``kernels/gemv.cpp``: the portable codes streamed once, fp32 accumulation), which AOTInductor's decode step
+  (``kernels/gemv.cpp``: the portable codes streamed once, fp32 accumulation; int8 with AVX512-VNNI takes the
+  activations as int16, one scale a row, in exact integer dot products), which AOTInductor's decode step
   calls through their C entry points (``kernels.c_shims``);
 - ``gemv-a8``: for int4 layers at decode, the same with int8 activations per block of 8 and VNNI dot products
   (AVX512-VNNI, or AVX2's vpmaddubsw), as llama.cpp's Q4 x Q8 (blocks of 32 there). Int4 layers that never run

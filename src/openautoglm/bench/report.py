@@ -77,6 +77,9 @@ def flatten(workers: list[dict]) -> list[dict]:
                 "gb_s": w["weight_bytes"] * dec / r["batch"] / 1e9,
                 "cpu_s_per_token": r["cpu_s_per_token"], "joules_per_token": r["joules_per_token"],
                 "trials": r["trials"],
+                # compiled levels: the caches filled by a separate process first (run.prepare), and what the measured
+                # process still compiled (0 when warm)
+                **{k: w[k] for k in ("prepare_s", "prepare_peak_rss_mb", "packages_built") if w.get(k) is not None},
             })
     return rows
 
@@ -109,7 +112,7 @@ def table(rows: list[dict], baseline: str | None = "llama.cpp") -> str:
     out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-|-".join("-" * w for w in widths)]
     for l in lines:
         out.append(" | ".join(c.ljust(w) for c, w in zip(l, widths)) if len(l) == len(head) else " | ".join(l))
-    return "\n".join(out)
+    return "\n".join(out + prepared_notes(rows))
 
 
 def write_json(path: str | Path, machine: dict, rows: list[dict], command: str) -> None:
@@ -174,4 +177,14 @@ def markdown(rows: list[dict], baseline: str = "llama.cpp") -> str:
             f"{r['weight_bytes'] / 1e6:.0f} | {r['gb_s']:.1f} | {r['cpu_s_per_token']:.3f} | "
             f"{ratio('decode_tok_s') if r['batch'] == 1 else '–'} | {ratio('prefill_tok_s') if r['batch'] == 1 else '–'} | "
             f"{ratio('peak_rss_mb')} |")
-    return "\n".join(out)
+    return "\n".join(out + prepared_notes(rows))
+
+
+def prepared_notes(rows: list[dict]) -> list[str]:
+    """A line for each compiled configuration whose caches a separate process filled before it was measured."""
+    seen = {}
+    for r in rows:
+        if r.get("prepare_s") is not None:
+            seen[(r["system"], r["config"])] = r
+    return [f"\n{s} {c}: compile caches filled by a separate process first ({r['prepare_s']:.1f} s, peak RSS "
+            f"{r['prepare_peak_rss_mb']:.0f} MB); its rows measure a warm start" for (s, c), r in seen.items()]

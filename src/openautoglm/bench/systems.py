@@ -85,6 +85,11 @@ class Ours:
     def weight_bytes(self) -> int:
         return sum(self.engine.info()["runtime_weight_bytes"].values())
 
+    def packages_built(self) -> int:
+        """Ahead-of-time packages compiled in this process (O2/O3), not loaded from the on-disk cache."""
+        runner = getattr(getattr(self.engine, "compiled", None), "runner", None)
+        return getattr(runner, "packages_built", 0)
+
     def run(self, prompt_ids: list[int], gen_tokens: int, batch: int) -> Timing:
         from ..runtime.sampler import SamplingParams
 

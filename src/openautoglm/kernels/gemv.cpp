@@ -6,7 +6,8 @@
 //     -> (M, N) bf16.  Portable int4 layout (quant/primitives.py): code k of a row in the low nibble of byte k/2 when
 //     k is even, the high nibble when odd; w = (q - 8) * s + z.  Computed as
 //     y = sum_j s_j * sum_{k in j} (q_k - 8) x_k  +  sum_j z_j * sum_{k in j} x_k  with fp32 accumulation.
-// openautoglm::int8_gemv(x (M, K) bf16, qweight (N, K) int8, scales (N,) bf16) -> (M, N) bf16: y = s * (q . x).
+// openautoglm::int8_gemv(x (M, K) bf16, qweight (N, K) int8, scales (N,) bf16) -> (M, N) bf16: y = s * (q . x);
+//     on AVX512-VNNI (K % 32 == 0) with x quantized to int16, one scale a row (see int8_rows_vnni).
 //
 // Decode is memory bound: the point is to stream the codes once at the bandwidth the cores can pull, with no
 // per-call allocation beyond the output.  AVX-512 paths (int4 with AVX512-BF16 dot products: the codes are
@@ -575,7 +576,7 @@ __attribute__((target("avx512f,avx512bw"))) void int8_rows_avx512(const float *x
 // dot product per 32 weights instead of a widening, a conversion and an FMA per 16): the head (49152 x 576)
 // is compute-bound on one core there (~26 GB/s a core, in cache or not).
 constexpr int A16 = 16383;
-constexpr int64_t K16_SEG = 4096;  // per lane K/16 products of at most A16 * 128 each: |sum| < 2^31 within a segment
+constexpr int64_t K16_SEG = 4096;  // a lane sums K16_SEG / 16 = 256 products of at most A16 * 128 each: < 2^30
 
 struct X16 {
     std::vector<int16_t> q;  // (M, K)

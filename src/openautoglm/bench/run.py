@@ -117,16 +117,13 @@ def prepare(spec: dict, spec_path: Path, err_path: Path, timeout: float) -> dict
     """Fill a compiled level's caches in a process of its own before the measured one starts, as a user's first
     start on a machine does: the rows then measure a warm start, like llama.cpp's, whose build is not counted either.
     Returns the compile's own wall time and peak RSS ({} if it failed: the measured worker then says why)."""
-    spec_path.write_text(json.dumps({**spec, "prepare": True, "spawn_wall": time.time()}))
-    with open(err_path, "w") as err:
-        try:
-            p = subprocess.run([sys.executable, "-m", "openautoglm.bench.worker", str(spec_path)],
-                               stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {}
-    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
-    r = json.loads(lines[-1]) if p.returncode == 0 and lines else {}
-    return {"prepare_s": r["prepare_s"], "prepare_peak_rss_mb": r["peak_rss_mb"]} if r.get("prepared") else {}
+    w = _Worker({**spec, "prepare": True}, spec_path, err_path, timeout)  # its one reply: prepared, then it exits
+    if w.ok:
+        w.proc.stdin.close()
+        w.proc.wait()
+        w.err.close()
+    return {"prepare_s": w.info["prepare_s"], "prepare_peak_rss_mb": w.info["peak_rss_mb"]} if w.info.get("prepared") \
+        else {}
 
 
 def summarize(xs: list[float]) -> dict:

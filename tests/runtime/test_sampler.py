@@ -36,7 +36,16 @@ def test_filters_keep_the_same_tokens_as_transformers(kw, proc):
 
 def test_temperature_scales_logits():
     l = _logits()
-    torch.testing.assert_close(filter_logits(l, SamplingParams(temperature=0.5)), l / 0.5)
+    torch.testing.assert_close(filter_logits(l, SamplingParams(temperature=0.5)).softmax(-1), (l / 0.5).softmax(-1))
+
+
+def test_tiny_temperature_is_the_argmax_not_nan():
+    """l / 1e-300 overflows to inf, and softmax of inf is NaN (multinomial then raises); the limit is argmax."""
+    l = _logits()
+    probs = filter_logits(l, SamplingParams(temperature=1e-300)).softmax(-1)
+    assert torch.equal(probs, torch.nn.functional.one_hot(l.argmax(), l.numel()).float())
+    g = make_generator(0)
+    assert int(sample(l[None], [SamplingParams(temperature=1e-300, seed=0)], [g])[0]) == int(l.argmax())
 
 
 def test_seeded_draws_are_reproducible_and_seed_dependent():

@@ -64,8 +64,9 @@ class SamplingParams:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2**63) <= self.seed < 2**64):
+            bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop must be a non-empty string or a list of non-empty strings")
 
@@ -91,8 +92,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p on one row (V,) of float32 logits; returns filtered logits."""
-    logits = logits / p.temperature
+    """Temperature, top-k, top-p and min-p on one row (V,) of float32 logits; returns filtered logits.
+
+    The largest logit is subtracted before the temperature divides, so a tiny temperature gives -inf for the
+    others instead of inf - inf = NaN in the softmax (the distribution is the same); a temperature below the
+    dtype's smallest normal (0 once cast) is taken as that smallest normal."""
+    logits = (logits - logits.max()) / max(p.temperature, torch.finfo(logits.dtype).tiny)
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -193,8 +193,28 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def _api_keys(a) -> tuple[str, ...]:
+    """The keys of --api-key (repeatable) and --api-key-file (one a line; blank lines and # comments skipped)."""
+    from pathlib import Path
+
+    keys = list(a.api_key or [])
+    if a.api_key_file:
+        f = Path(a.api_key_file)
+        if not f.is_file():
+            raise OpenAutoGLMError(f"--api-key-file not found: {a.api_key_file}")
+        keys += [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines()
+                 if ln.strip() and not ln.lstrip().startswith("#")]
+        if not keys:
+            raise OpenAutoGLMError(f"--api-key-file {a.api_key_file} holds no key")
+    if any(not k or any(c.isspace() for c in k) for k in keys):
+        raise OpenAutoGLMError("an API key must be non-empty and hold no whitespace")
+    return tuple(keys)
+
+
 def cmd_serve(a) -> int:
-    from .serve.app import ServeSettings, create_app
+    import logging
+
+    from .serve.app import ServeSettings, access_log, create_app
 
     try:
         import uvicorn
@@ -202,18 +222,41 @@ def cmd_serve(a) -> int:
         raise OpenAutoGLMError("the server needs the 'serve' extra: pip install 'openautoglm[serve]'") from None
     if a.max_batch < 1 or a.max_queue < 0 or a.port < 0 or a.port > 65535:
         raise OpenAutoGLMError("--max-batch must be >= 1, --max-queue >= 0 and --port in 0..65535")
+    for name in ("max_body_mb", "watchdog_s"):
+        if not getattr(a, name) > 0:
+            raise OpenAutoGLMError(f"--{name.replace('_', '-')} must be > 0")
+    for name in ("max_prompt_tokens", "max_tokens_cap", "max_streams_per_key"):
+        v = getattr(a, name)
+        if v is not None and v < (0 if name == "max_streams_per_key" else 1):
+            raise OpenAutoGLMError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_streams_per_key' else 1}")
+    keys = _api_keys(a)
     eng = _engine(a)
     if a.dtype == "bf16":
         import torch
 
         eng.model.to(torch.bfloat16)
-    st = ServeSettings(max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, api_key=a.api_key,
-                       kv_budget_mb=a.kv_budget_mb, request_timeout=a.timeout, prefill_chunk=a.prefill_chunk)
+    st = ServeSettings(max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, api_keys=keys,
+                       kv_budget_mb=a.kv_budget_mb, request_timeout=a.timeout, prefill_chunk=a.prefill_chunk,
+                       max_body_bytes=int(a.max_body_mb * 2**20), max_prompt_tokens=a.max_prompt_tokens,
+                       max_tokens_cap=a.max_tokens_cap, max_streams_per_key=a.max_streams_per_key,
+                       watchdog_s=a.watchdog_s)
+    if a.access_log != "off":
+        h = logging.StreamHandler(sys.stderr) if a.access_log == "-" else logging.FileHandler(a.access_log)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(h)
+        access_log.setLevel(logging.INFO)
+        access_log.propagate = False
     app = create_app(eng, st)
+    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
+                                           timeout_graceful_shutdown=st.drain_timeout))
+    app.state.on_fatal = lambda: setattr(server, "should_exit", True)
     sys.stderr.write(f"[openautoglm] serving {app.state.model_id} on http://{a.host}:{a.port}/v1 "
                      f"(max batch {a.max_batch}, queue {a.max_queue}, KV cache "
                      f"{app.state.scheduler.cache.nbytes / 2**20:.0f} MiB)\n")
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=st.drain_timeout)
+    server.run()
+    if app.state.fatal:  # exit non-zero so a supervisor restarts the process
+        sys.stderr.write(f"openautoglm: error: the server stopped: {app.state.fatal}\n")
+        return 1
     return 0
 
 
@@ -323,7 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--kv-budget-mb", type=float, default=None, help="admit requests only while their KV fits")
     v.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per scheduler step, in all")
     v.add_argument("--timeout", type=float, default=600.0, help="seconds before a request is abandoned")
-    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    v.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (repeatable: any of the keys)")
+    v.add_argument("--api-key-file", default=None, help="file of API keys, one a line")
+    v.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (default: 4)")
+    v.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context)")
+    v.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: the context)")
+    v.add_argument("--max-streams-per-key", type=int, default=32,
+                   help="concurrent requests per API key, with keys (default: 32; 0 = no limit)")
+    v.add_argument("--watchdog-s", type=float, default=30.0,
+                   help="no progress this long with work pending turns /health to 503 (default: 30)")
+    v.add_argument("--access-log", default="-", help="Common Log Format access log: a file, - (stderr) or off")
     v.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="runtime dtype of weights and activations (bf16: half the memory, faster GEMMs)")
     v.add_argument("--quiet", "-q", action="store_true")

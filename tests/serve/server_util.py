@@ -4,6 +4,13 @@ import socket
 import threading
 import time
 
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     def __init__(self, engine, **settings):
         import uvicorn
@@ -11,10 +18,9 @@ class Server:
         from openautoglm.serve.app import ServeSettings, create_app
 
         self.app = create_app(engine, ServeSettings(**settings))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.app.state.on_fatal = lambda: setattr(self.server, "should_exit", True)  # as `openautoglm serve` does
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -1,6 +1,7 @@
 """The real server, driven by the official openai client (and raw HTTP for malformed input)."""
 
 import json
+import re
 import threading
 import time
 
@@ -135,10 +136,11 @@ class LongStream:
     """A long streaming request held open (client, response and line iterator all kept alive: dropping the
     iterator closes the stream, which the server rightly takes as a disconnect)."""
 
-    def __init__(self, server, wait_first=True):
+    def __init__(self, server, wait_first=True, headers=None):
         self.cl = httpx.Client(timeout=60)
         body = {"model": "default", "prompt": "Keep going", "max_tokens": 900, "stream": True, "ignore_eos": True}
-        self.resp = self.cl.send(self.cl.build_request("POST", server.url + "/v1/completions", json=body), stream=True)
+        self.resp = self.cl.send(self.cl.build_request("POST", server.url + "/v1/completions", json=body,
+                                                       headers=headers), stream=True)
         self.lines = self.resp.iter_lines()
         if wait_first:
             next(l for l in self.lines if l.startswith("data:"))
@@ -193,18 +195,21 @@ def test_priority_order_is_observable(tiny_engine):
 
 
 def test_api_key_is_enforced(tiny_engine):
-    with Server(tiny_engine, api_key="sekrit", max_len=1024) as s:
+    with Server(tiny_engine, api_keys=("sekrit", "other-key"), max_len=1024) as s:
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").models.list()
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="sekri").models.list()  # a prefix of a key is not the key
         assert httpx.post(s.url + "/v1/completions", json={"prompt": "hi"}).status_code == 401
-        assert s.client(api_key="sekrit").completions.create(model="default", prompt="hi", max_tokens=2).usage
+        for key in ("sekrit", "other-key"):
+            assert s.client(api_key=key).completions.create(model="default", prompt="hi", max_tokens=2).usage
         assert httpx.get(s.url + "/health").status_code == 200
 
 
 @pytest.mark.parametrize("body,status,code", [
     ("{not json", 400, "invalid_json"),
-    ({"model": "default"}, 422, "invalid_value"),  # no messages
-    ({"model": "default", "messages": []}, 422, "invalid_value"),
+    ({"model": "default"}, 400, "invalid_value"),  # no messages
+    ({"model": "default", "messages": []}, 400, "invalid_value"),
     ({"model": "default", "messages": MSGS, "max_tokens": -1}, 400, "invalid_value"),
     ({"model": "default", "messages": MSGS, "max_tokens": 10**6}, 400, "context_length_exceeded"),
     ({"model": "default", "messages": [{"role": "user", "content": "word " * 1100}]}, 400, "context_length_exceeded"),
@@ -213,6 +218,21 @@ def test_api_key_is_enforced(tiny_engine):
     ({"model": "default", "messages": MSGS, "frobnicate": 1}, 400, "unsupported_parameter"),
     ({"model": "default", "messages": MSGS, "temperature": -2}, 400, "invalid_value"),
     ({"model": "gpt-4", "messages": MSGS}, 404, "model_not_found"),
+    # strict types: no coercion, bounded integers, finite numbers
+    ({"model": "default", "messages": MSGS, "temperature": "0.5"}, 400, "invalid_value"),
+    ({"model": "default", "messages": MSGS, "stream": "true"}, 400, "invalid_value"),
+    ({"model": "default", "messages": MSGS, "logprobs": 1}, 400, "invalid_value"),
+    ({"model": "default", "messages": MSGS, "max_tokens": 1.5}, 400, "invalid_value"),
+    ({"model": "default", "messages": MSGS, "seed": 2**80}, 400, "invalid_value"),
+    ({"model": "default", "messages": MSGS, "top_k": 2**40}, 400, "invalid_value"),
+    ({"model": "default", "messages": MSGS, "max_tokens": 2**80}, 400, "invalid_value"),
+    ('{"model": "default", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "invalid_value"),
+    ({"model": "default", "messages": [{"role": "user", "content": 5}]}, 400, "invalid_value"),
+    ({"model": "default", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "unsupported_content"),
+    ({"model": "default", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "invalid_value"),
 ])
 def test_bad_input_gets_openai_style_4xx(server, body, status, code):
     data = body if isinstance(body, str) else json.dumps(body)
@@ -230,3 +250,65 @@ def test_default_max_tokens_fill_the_context(server):
     assert r.usage.prompt_tokens + r.usage.completion_tokens == 1024
     r = c.completions.create(model="default", prompt="hi", temperature=0, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 16
+
+
+def test_content_parts_of_text_are_joined(server, tiny_engine):
+    c = server.client()
+    parts = [{"type": "text", "text": "Tell me about "}, {"type": "text", "text": "the sea."}]
+    a = c.chat.completions.create(model="default", messages=[{"role": "user", "content": parts}], max_tokens=8,
+                                  temperature=0)
+    b = c.chat.completions.create(model="default", messages=MSGS, max_tokens=8, temperature=0)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens and a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_server_limits(tiny_engine, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="openautoglm.access")
+    with Server(tiny_engine, api_keys=("k1",), max_len=1024, max_body_bytes=2000, max_prompt_tokens=40,
+                max_tokens_cap=8, max_streams_per_key=1) as s:
+        hdr = {"authorization": "Bearer k1"}
+        def post(body, headers=hdr, **kw):
+            return httpx.post(s.url + "/v1/completions", headers=headers, timeout=60, **kw,
+                              **({"json": body} if body is not None else {}))
+        big = {"model": "default", "prompt": "x" * 3000}
+        r = post(big)
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "request_too_large")
+
+        def chunked():  # no content-length: the limit holds on the bytes received
+            data = json.dumps(big).encode()
+            for i in range(0, len(data), 500):
+                yield data[i : i + 500]
+
+        r = post(None, content=chunked(), headers={**hdr, "content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = post({"model": "default", "prompt": "word " * 60, "max_tokens": 2})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "context_length_exceeded")
+        assert "word" not in r.json()["error"]["message"]  # never the prompt in an error body
+        r = post({"model": "default", "prompt": "hi", "max_tokens": 9})
+        assert r.status_code == 400 and "cap" in r.json()["error"]["message"]
+        r = post({"model": "default", "prompt": "hi", "max_tokens": 8, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        chat = httpx.post(s.url + "/v1/chat/completions", headers=hdr, json={
+            "model": "default", "messages": MSGS, "ignore_eos": True, "temperature": 0}).json()
+        assert chat["usage"]["completion_tokens"] == 8  # no max_tokens: the cap, not the context
+        assert post({"model": "default", "prompt": "hi", "max_tokens": 2}, headers={}).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "openautoglm.access"]
+    clf = re.compile(r'^127\.0\.0\.1 - (key0|-) \[\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4}\] '
+                     r'"(GET|POST) /\S* HTTP/1\.1" \d{3} (\d+|-)$')
+    assert lines and all(clf.match(l) for l in lines), lines[:3]
+    assert any('"POST /v1/completions HTTP/1.1" 413' in l for l in lines)
+    assert any(" key0 " in l and '" 200 ' in l for l in lines) and any(" - - " in l and '" 401 ' in l for l in lines)
+    assert not any("k1" in l for l in lines)  # the user is the key's index, never the key
+
+
+def test_concurrent_requests_per_key_are_capped(tiny_engine):
+    with Server(tiny_engine, api_keys=("k1", "k2"), max_len=1024, max_streams_per_key=1) as s:
+        a = LongStream(s, headers={"authorization": "Bearer k1"})
+        post = lambda key: httpx.post(s.url + "/v1/completions", headers={"authorization": f"Bearer {key}"},
+                                      json={"model": "default", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        r = post("k1")
+        assert (r.status_code, r.json()["error"]["code"]) == (429, "rate_limit_exceeded")
+        assert post("k2").status_code == 200  # another key has its own allowance
+        a.close()
+        _wait(lambda: post("k1").status_code == 200)

@@ -7,13 +7,23 @@ most ``prefill_chunk`` tokens in all, oldest first), then one batched decode ste
 for every running request. New requests join at the next step and finished ones leave at once, so a long
 prompt is cut into chunks interleaved with everybody else's decode. A request's events go to its ``sink``
 (a thread-safe callable); ``step`` runs on one thread (the engine's), the server lives on another.
+
+Faults: an exception in a step's batched forward or sampling re-runs that step's rows one by one (rewriting
+the same cache positions is harmless), so a fault that belongs to one request fails that request alone
+(``finish_reason="error"``) and a transient fault fails nobody. Per-request bookkeeping (sampling the first
+token, detokenizing, stop strings, the sink) is guarded request by request. A step in which nothing could
+progress counts as a failure; ``max_failures`` of them within ``failure_window_s`` make the scheduler fatal:
+it fails everything it holds, stops accepting, and ``run`` returns, so the process can exit and a supervisor
+restart it. ``last_progress`` feeds the server's watchdog.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,6 +47,9 @@ class ShuttingDownError(OpenAutoGLMError):
     code = "server_shutting_down"
 
 
+log = logging.getLogger("openautoglm.scheduler")
+
+
 @dataclass
 class Event:
     """Output of one step for one request."""
@@ -48,6 +61,7 @@ class Event:
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = None  # with finish_reason "error": one line for the client (no traceback, no prompt)
 
 
 @dataclass
@@ -84,7 +98,8 @@ class Request:
 class Scheduler:
     def __init__(self, model, tokenizer, eos_ids: set[int], max_batch: int = 16, max_queue: int = 64,
                  max_len: int | None = None, prefill_chunk: int = 512, kv_budget_tokens: int | None = None,
-                 aging_s: float = 5.0, on_metrics: Callable | None = None):
+                 aging_s: float = 5.0, on_metrics: Callable | None = None, max_failures: int = 3,
+                 failure_window_s: float = 60.0):
         self.model, self.tok, self.eos_ids = model, tokenizer, set(eos_ids)
         ctx = model.config.max_position_embeddings
         self.max_len = min(max_len or ctx, ctx)
@@ -102,9 +117,16 @@ class Scheduler:
         self.accepting = True
         self.on_metrics = on_metrics or (lambda *a, **k: None)
         self._ids = itertools.count()
+        self.max_failures, self.failure_window_s = max_failures, failure_window_s
+        self.failures: deque[float] = deque()  # times of failed steps within the window
+        self.faults = 0  # requests failed by an exception, in all
+        self.fatal: str | None = None  # why the scheduler gave up; set once, then run() returns
+        self.last_progress = time.monotonic()  # end of the last step (or idle tick): the watchdog's clock
 
     # ---- called from other threads ------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
+        if self.fatal is not None:
+            raise ShuttingDownError(f"the server is stopping after repeated faults: {self.fatal}")
         if not self.accepting:
             raise ShuttingDownError("the server is shutting down")
         if len(req.prompt_ids) == 0:
@@ -139,16 +161,54 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.queue and not self.running
 
+    def stalled(self, watchdog_s: float) -> str | None:
+        """Why the scheduler is not healthy (fatal, or no progress for ``watchdog_s`` with work pending)."""
+        if self.fatal is not None:
+            return f"the scheduler stopped after repeated faults: {self.fatal}"
+        quiet = time.monotonic() - self.last_progress
+        if quiet > watchdog_s and not self.idle:
+            return (f"no scheduler progress for {quiet:.0f} s with {len(self.running)} running and "
+                    f"{len(self.queue)} queued requests")
+        return None
+
     # ---- the engine thread --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
+        """Step until ``stop`` is set or the scheduler turns fatal. Never raises."""
+        while not stop.is_set() and self.fatal is None:
             if self.idle:
+                self.last_progress = time.monotonic()
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
-            self.step()
+            try:
+                ok = self.step()
+            except Exception as e:  # a fault outside the per-request guards: fail what the step held
+                log.exception("scheduler step failed")
+                with self.lock:
+                    held = list(self.running)
+                for r in held:
+                    self._fail(r, e)
+                ok = False
+            if not ok:
+                self._count_failure()
 
-    def step(self) -> None:
+    def _count_failure(self) -> None:
+        now = time.monotonic()
+        self.failures.append(now)
+        while self.failures and now - self.failures[0] > self.failure_window_s:
+            self.failures.popleft()
+        if len(self.failures) >= self.max_failures:
+            self.fatal = f"{len(self.failures)} failed steps within {self.failure_window_s:.0f} s"
+            log.error("scheduler is giving up: %s", self.fatal)
+            self.accepting = False
+            with self.lock:
+                held = list(self.queue) + list(self.running)
+                self.queue.clear()
+            for r in held:
+                self._fail(r, None)
+
+    def step(self) -> bool:
+        """One iteration. False when it ran requests and none of them could progress (all failed)."""
         now = time.monotonic()
         with self.lock:
             for r in list(self.queue):
@@ -171,13 +231,57 @@ class Scheduler:
                     break
                 batch.append((r, n))
                 budget -= n
-            self._prefill(batch)
+            self._guarded(batch, self._prefill_forward, self._prefill_commit)
         # by cache row: when the rows form a run, the cache is read as a view instead of gathered
         decoding = sorted((r for r in running if r.next_input is not None and r.finish_reason is None),
                           key=lambda r: r.slot)
         if decoding:
-            self._decode(decoding)
+            self._guarded(decoding, self._decode_forward, self._emit_sampled)
+        self.last_progress = time.monotonic()
         self.on_metrics(self.stats())
+        return not running or any(r.finish_reason != "error" for r in running)
+
+    def _guarded(self, items: list, compute: Callable, commit: Callable) -> None:
+        """``compute`` the batch (one result per item); if it raises, compute each item alone once more, and
+        fail the items that raise alone too. Then ``commit`` each result, guarded item by item."""
+        try:
+            results = list(zip(items, compute(items)))
+        except Exception as e:
+            log.warning("a step of %d requests failed (%r); retrying them one by one", len(items), e)
+            results = []
+            for it in items:
+                try:
+                    results.append((it, compute([it])[0]))
+                except Exception as e1:
+                    log.error("request %s failed", _req(it).id, exc_info=e1)
+                    self._fail(_req(it), e1)
+        for it, res in results:
+            try:
+                commit(it, res)
+            except Exception as e:
+                log.error("request %s failed", _req(it).id, exc_info=e)
+                self._fail(_req(it), e)
+
+    def _fail(self, r: Request, exc: BaseException | None) -> None:
+        """End r with ``finish_reason="error"``; safe to call from the scheduler thread at any point."""
+        if r.finish_reason == "error":
+            return
+        self.faults += 1
+        r.finish_reason = "error"
+        with self.lock:
+            if r in self.queue:
+                self.queue.remove(r)
+            self._free(r)
+        msg = "the server hit an internal error while generating this request; it was aborted"
+        self._send(r, Event("", finish_reason="error", prompt_tokens=len(r.prompt_ids),
+                            completion_tokens=len(r.out_ids), error=msg))
+
+    def _send(self, r: Request, ev: Event) -> None:
+        try:
+            r.sink(ev)
+        except Exception:  # the listener is gone (closed event loop): nobody to tell, free the row
+            log.warning("request %s: could not deliver an event; cancelling it", r.id)
+            r.cancelled = True
 
     def _expired(self, r: Request, now: float) -> str | None:
         if r.cancelled:
@@ -209,11 +313,12 @@ class Scheduler:
         """End r from outside the token path (cancelled, timeout). Caller holds the lock."""
         r.finish_reason = reason
         self._free(r)
-        r.sink(Event(_release(r, final=True), finish_reason=reason, prompt_tokens=len(r.prompt_ids),
-                     completion_tokens=len(r.out_ids)))
+        self._send(r, Event(_release(r, final=True), finish_reason=reason, prompt_tokens=len(r.prompt_ids),
+                            completion_tokens=len(r.out_ids)))
 
-    def _prefill(self, batch: list[tuple[Request, int]]) -> None:
-        """One forward over the next ``n`` prompt tokens of each request, right-padded to a common length.
+    def _prefill_forward(self, batch: list[tuple[Request, int]]) -> list[torch.Tensor]:
+        """One forward over the next ``n`` prompt tokens of each request, right-padded to a common length;
+        the logits at each row's last real token.
 
         Padding writes land in the row's own cache beyond its current length, where the mask hides them until
         the row's real tokens overwrite them."""
@@ -227,12 +332,16 @@ class Scheduler:
         last = torch.tensor([n - 1 for _, n in batch], device=self.device)
         with torch.inference_mode():
             logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, logits_at=last)
-        for i, (r, n) in enumerate(batch):
-            r.prefilled += n
-            if r.prefilled == len(r.prompt_ids):
-                self._take(r, logits[i])
+        return list(logits)
 
-    def _decode(self, rs: list[Request]) -> None:
+    def _prefill_commit(self, item: tuple[Request, int], logits: torch.Tensor) -> None:
+        r, n = item
+        r.prefilled += n
+        if r.prefilled == len(r.prompt_ids):
+            self._take(r, logits)
+
+    def _decode_forward(self, rs: list[Request]) -> list[tuple[int, torch.Tensor | None]]:
+        """One batched decode step and sampling: (token, log-probabilities or None) per request."""
         ids = torch.tensor([[r.next_input] for r in rs], device=self.device)
         pos = torch.tensor([[len(r.prompt_ids) + len(r.out_ids) - 1] for r in rs], device=self.device)
         self.cache.select(torch.tensor([r.slot for r in rs], device=self.device))
@@ -241,8 +350,10 @@ class Scheduler:
         toks = sample(logits, [r.params for r in rs], [r.generator for r in rs],
                       [r.prompt_ids + r.out_ids for r in rs] if any(r.params.repetition_penalty != 1 for r in rs) else None)
         lps = torch.log_softmax(logits.float(), -1) if any(r.logprobs is not None for r in rs) else None
-        for i, r in enumerate(rs):
-            self._emit(r, int(toks[i]), None if lps is None else lps[i])
+        return [(int(toks[i]), None if lps is None else lps[i]) for i in range(len(rs))]
+
+    def _emit_sampled(self, r: Request, res: tuple[int, torch.Tensor | None]) -> None:
+        self._emit(r, *res)
 
     def _take(self, r: Request, logits: torch.Tensor) -> None:
         """Sample the first token from the prefill logits."""
@@ -274,7 +385,7 @@ class Scheduler:
         if r.finish_reason:
             with self.lock:
                 self._free(r)
-        r.sink(ev)
+        self._send(r, ev)
 
     def shutdown(self, drain_timeout: float = 30.0, stop: threading.Event | None = None) -> None:
         """Stop accepting; let running and queued requests finish for up to ``drain_timeout``, then cancel."""
@@ -287,3 +398,8 @@ class Scheduler:
                 r.cancelled = True
         self.wake.set()
 
+
+
+def _req(item) -> Request:
+    """The request of a step item: a Request (decode) or a (Request, n) pair (prefill)."""
+    return item[0] if isinstance(item, tuple) else item

@@ -4,19 +4,28 @@ This module imports fastapi at import time; only ``openautoglm serve`` imports i
 own thread; each request gets an asyncio queue that the scheduler feeds through
 ``loop.call_soon_threadsafe``. A client that disconnects is cancelled, and its cache row is freed at the
 scheduler's next step.
+
+Faults: a request the scheduler fails answers 500 (or ends its stream with ``finish_reason: "error"``); the
+HTTP side also enforces each request's deadline, so nothing hangs on a stalled scheduler; ``/health`` answers
+503 when the watchdog sees no progress with work pending; a scheduler that gives up after repeated faults calls
+``app.state.on_fatal`` (the runner stops the server, and ``openautoglm serve`` exits non-zero). Error bodies
+never carry a traceback or the prompt. The outermost middleware checks the API key (constant time), the body
+size (declared or streamed), the concurrent requests per key, and writes a Common Log Format access line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,6 +37,9 @@ from ..runtime.scheduler import Event, QueueFullError, Request, Scheduler
 from .protocol import IGNORED, UNSUPPORTED, ChatCompletionRequest, CompletionRequest
 
 
+access_log = logging.getLogger("openautoglm.access")
+
+
 @dataclass
 class ServeSettings:
     max_batch: int = 16
@@ -35,11 +47,17 @@ class ServeSettings:
     max_len: int | None = 2048  # per-request context (prompt + max_tokens); the KV cache holds max_batch of them
     prefill_chunk: int = 512  # prompt tokens per scheduler step, over all prefilling requests
     kv_budget_mb: float | None = None
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # any of them as 'Authorization: Bearer KEY' on /v1 routes; () = open
     request_timeout: float = 600.0
     drain_timeout: float = 30.0
     aging_s: float = 5.0
     max_body_bytes: int = 4 << 20
+    max_prompt_tokens: int | None = None  # None: up to the context
+    max_tokens_cap: int | None = None  # largest max_tokens a request may ask for; None: up to the context
+    max_streams_per_key: int = 32  # concurrent generation requests per API key (with keys; 0 = no limit)
+    watchdog_s: float = 30.0  # no scheduler progress this long with work pending: /health answers 503
+    max_failures: int = 3  # failed steps within failure_window_s that make the scheduler give up
+    failure_window_s: float = 60.0
 
 
 class APIError(Exception):
@@ -50,6 +68,98 @@ class APIError(Exception):
 
 def _error_body(message: str, type_: str, code: str | None, param=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _short(x, n: int = 64) -> str:
+    """A user-supplied name for an error message, bounded (a fuzzed key can be megabytes)."""
+    t = str(x)
+    return t if len(t) <= n else t[:n] + "..."
+
+
+class _Guard:
+    """Outermost ASGI middleware: API key, per-key concurrency and body size on /v1, and an access log line
+    (Common Log Format, the key's index as the user, never the key) for every request."""
+
+    def __init__(self, app, st: ServeSettings, metrics):
+        self.app, self.st, self.metrics = app, st, metrics
+        self.keys = [f"Bearer {k}".encode() for k in st.api_keys]
+        self.inflight: dict[str, int] = {}
+
+    def _key(self, auth: bytes) -> int | None:
+        found = None
+        for i, k in enumerate(self.keys):  # every key compared, each in constant time
+            if hmac.compare_digest(auth, k):
+                found = i
+        return found
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        st, path, user = self.st, scope.get("path", ""), "-"
+        status, size = [500], [0]
+
+        async def send_(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            elif msg["type"] == "http.response.body":
+                size[0] += len(msg.get("body", b""))
+            await send(msg)
+
+        async def reject(code: int, message: str, err: str, headers: dict | None = None):
+            self.metrics.requests.labels(status=str(code)).inc()
+            await JSONResponse(_error_body(message, "invalid_request_error", err), status_code=code,
+                               headers=headers)(scope, receive, send_)
+
+        counted = None
+        try:
+            if path.startswith("/v1"):
+                headers = dict(scope.get("headers") or ())
+                if self.keys:
+                    k = self._key(headers.get(b"authorization", b""))
+                    if k is None:
+                        return await reject(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                            "invalid_api_key")
+                    user = f"key{k}"
+                try:
+                    declared = int(headers.get(b"content-length") or 0)
+                except ValueError:
+                    declared = 0
+                if declared > st.max_body_bytes:
+                    return await reject(413, f"request body of {declared} bytes is over {st.max_body_bytes}",
+                                        "request_too_large")
+                if self.keys and st.max_streams_per_key and scope.get("method") == "POST":
+                    if self.inflight.get(user, 0) >= st.max_streams_per_key:
+                        return await reject(429, f"too many concurrent requests for this API key (at most "
+                                            f"{st.max_streams_per_key})", "rate_limit_exceeded", {"Retry-After": "1"})
+                    counted = user
+                    self.inflight[user] = self.inflight.get(user, 0) + 1
+                receive = self._limited(receive, st.max_body_bytes)
+            await self.app(scope, receive, send_)
+        finally:
+            if counted is not None:
+                self.inflight[counted] -= 1
+            q = scope.get("query_string") or b""
+            target = path + ("?" + q.decode("latin-1") if q else "")
+            client = (scope.get("client") or ("-",))[0]
+            access_log.info('%s - %s [%s] "%s %s HTTP/%s" %d %s', client, user, time.strftime("%d/%b/%Y:%H:%M:%S %z"),
+                            scope.get("method", "-"), target, scope.get("http_version", "1.1"), status[0],
+                            size[0] or "-")
+
+    @staticmethod
+    def _limited(receive, limit: int):
+        """``receive`` that refuses a body growing past ``limit`` bytes (a chunked body declares no length)."""
+        seen = 0
+
+        async def recv():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, f"request body is over {limit} bytes")
+            return msg
+
+        return recv
 
 
 class Metrics:
@@ -89,16 +199,34 @@ def create_app(engine, settings: ServeSettings | None = None):
     metrics = Metrics()
     budget = None
     sched = Scheduler(engine.model, engine.tokenizer, engine.eos_ids, max_batch=st.max_batch, max_queue=st.max_queue,
-                      max_len=st.max_len, prefill_chunk=st.prefill_chunk, aging_s=st.aging_s, on_metrics=metrics)
+                      max_len=st.max_len, prefill_chunk=st.prefill_chunk, aging_s=st.aging_s, on_metrics=metrics,
+                      max_failures=st.max_failures, failure_window_s=st.failure_window_s)
     if st.kv_budget_mb:
         budget = int(st.kv_budget_mb * 2**20 // sched.bytes_per_token)
         sched.kv_budget_tokens = budget
     model_id = engine.model_path.name if hasattr(engine.model_path, "name") else str(engine.model_path)
     stop_flag = threading.Event()
+    thread: list[threading.Thread] = []
+
+    def run_scheduler():
+        sched.run(stop_flag)
+        if sched.fatal is not None:
+            app.state.fatal = sched.fatal
+            if app.state.on_fatal is not None:
+                app.state.on_fatal()
+
+    def scheduler_down() -> str | None:
+        """Why the scheduler cannot serve now, or None."""
+        if sched.fatal is not None:
+            return f"the scheduler stopped after repeated faults: {sched.fatal}"
+        if thread and not thread[0].is_alive() and not stop_flag.is_set():
+            return "the scheduler thread is not running"
+        return None
 
     @asynccontextmanager
     async def lifespan(app):
-        th = threading.Thread(target=sched.run, args=(stop_flag,), name="openautoglm-scheduler", daemon=True)
+        th = threading.Thread(target=run_scheduler, name="openautoglm-scheduler", daemon=True)
+        thread.append(th)
         th.start()
         yield
         await asyncio.get_running_loop().run_in_executor(None, sched.shutdown, st.drain_timeout)
@@ -110,6 +238,8 @@ def create_app(engine, settings: ServeSettings | None = None):
 
     app = FastAPI(title="openautoglm", lifespan=lifespan)
     app.state.scheduler, app.state.metrics, app.state.model_id = sched, metrics, model_id
+    app.state.fatal, app.state.on_fatal = None, None  # on_fatal: set by whoever runs the server (stop it)
+    app.add_middleware(_Guard, st=st, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -124,29 +254,20 @@ def create_app(engine, settings: ServeSettings | None = None):
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         if first.get("type") == "json_invalid":
             return await _api_error(request, APIError(400, "the request body is not valid JSON", "invalid_json"))
+        loc = _short(loc, 120)
         msg = f"{loc}: {first.get('msg', 'invalid value')}" if loc else first.get("msg", "invalid request")
-        return await _api_error(request, APIError(422, msg, "invalid_value", param=loc or None))
+        return await _api_error(request, APIError(400, msg, "invalid_value", param=loc or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code,
+                                                                                          "http_error")
         return await _api_error(request, APIError(exc.status_code, str(exc.detail), code))
 
-    @app.middleware("http")
-    async def _guard(request: HTTPRequest, call_next):
-        if request.url.path.startswith("/v1"):
-            if st.api_key:
-                auth = request.headers.get("authorization", "")
-                if auth != f"Bearer {st.api_key}":
-                    metrics.requests.labels(status="401").inc()
-                    return JSONResponse(_error_body("invalid or missing API key (Authorization: Bearer ...)",
-                                                    "invalid_request_error", "invalid_api_key"), status_code=401)
-            size = int(request.headers.get("content-length") or 0)
-            if size > st.max_body_bytes:
-                metrics.requests.labels(status="413").inc()
-                return JSONResponse(_error_body(f"request body of {size} bytes is over {st.max_body_bytes}",
-                                                "invalid_request_error", "request_too_large"), status_code=413)
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):  # a bug of ours: the traceback goes to the server log, not the client
+        metrics.requests.labels(status="500").inc()
+        return JSONResponse(_error_body("internal server error", "server_error", "internal_error"), status_code=500)
 
     def check_model(name: str):
         if name not in (model_id, "default", str(engine.model_path)):
@@ -159,17 +280,27 @@ def create_app(engine, settings: ServeSettings | None = None):
             if k in IGNORED:
                 continue
             if k not in UNSUPPORTED:
-                raise APIError(400, f"unsupported parameter {k!r}", "unsupported_parameter", param=k)
+                raise APIError(400, f"unsupported parameter {_short(k)!r}", "unsupported_parameter", param=_short(k))
             if v != UNSUPPORTED[k] and v is not None:
-                raise APIError(400, f"parameter {k!r}={v!r} is not supported", "unsupported_parameter", param=k)
+                raise APIError(400, f"parameter {k!r} is not supported (only its default, {UNSUPPORTED[k]!r})",
+                               "unsupported_parameter", param=k)
 
-    def sampling(body, max_tokens, n_prompt: int) -> SamplingParams:
-        """Sampling parameters for a prompt of ``n_prompt`` tokens; no max_tokens means up to the context,
-        as OpenAI does (a prompt that leaves no room fails at submit with context_length_exceeded)."""
+    max_prompt = min(st.max_prompt_tokens or sched.max_len, sched.max_len)
+
+    def sampling(body, max_tokens, n_prompt: int, param: str) -> SamplingParams:
+        """Sampling parameters for a prompt of ``n_prompt`` tokens; no max_tokens means up to the context (and
+        the server's cap), as OpenAI does (a prompt that leaves no room fails at submit with
+        context_length_exceeded)."""
+        if n_prompt > max_prompt:
+            raise APIError(400, f"the prompt has {n_prompt} tokens; this server accepts at most {max_prompt}",
+                           "context_length_exceeded", param=param)
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, "max_tokens must be at least 1", "invalid_value", param="max_tokens")
+        if max_tokens is not None and st.max_tokens_cap and max_tokens > st.max_tokens_cap:
+            raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {st.max_tokens_cap}",
+                           "invalid_value", param="max_tokens")
         if max_tokens is None:
-            max_tokens = max(1, sched.max_len - n_prompt)
+            max_tokens = max(1, min(sched.max_len - n_prompt, st.max_tokens_cap or sched.max_len))
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                   top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
@@ -195,8 +326,10 @@ def create_app(engine, settings: ServeSettings | None = None):
 
     async def events(http: HTTPRequest, req: Request, q: asyncio.Queue):
         """The request's events until it finishes. If the client goes away (noticed here, or the response is
-        cancelled under us), the request is cancelled and its cache row freed at the next step."""
+        cancelled under us), the request is cancelled and its cache row freed at the next step. The deadline
+        and a dead scheduler are checked here too, so a stalled step cannot hang the request."""
         finished = False
+        deadline = req.arrival + req.timeout_s + 1.0
         try:
             while True:
                 try:
@@ -204,7 +337,12 @@ def create_app(engine, settings: ServeSettings | None = None):
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return
-                    continue
+                    down = scheduler_down()
+                    if down is None and time.monotonic() < deadline:
+                        continue
+                    sched.cancel(req)
+                    ev = Event("", finish_reason="error" if down else "timeout", prompt_tokens=len(req.prompt_ids),
+                               error=down and "the server cannot generate now; retry later")
                 if ev.finish_reason is not None:
                     finished = True
                 yield ev
@@ -217,10 +355,20 @@ def create_app(engine, settings: ServeSettings | None = None):
 
     def encode_messages(body: ChatCompletionRequest) -> list[int]:
         msgs = []
-        for m in body.messages:
+        for i, m in enumerate(body.messages):
             c = m.content
-            if isinstance(c, list):  # content parts: keep the text ones
-                c = "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+            if isinstance(c, list):  # content parts: text only; any other part is refused, naming it
+                texts = []
+                for j, part in enumerate(c):
+                    where = f"messages[{i}].content[{j}]"
+                    if part.get("type") != "text":
+                        raise APIError(400, f"{where}: content parts of type {_short(part.get('type'))!r} are not "
+                                       "supported (this model takes text parts only)", "unsupported_content",
+                                       param=where)
+                    if not isinstance(part.get("text"), str):
+                        raise APIError(400, f"{where}.text must be a string", "invalid_value", param=where)
+                    texts.append(part["text"])
+                c = "".join(texts)
             msgs.append({"role": m.role, "content": c or ""})
         try:
             return engine.tokenizer.encode_chat(msgs)
@@ -259,17 +407,24 @@ def create_app(engine, settings: ServeSettings | None = None):
                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
 
     def finish(reason):
-        return reason if reason in ("stop", "length") else "stop"
+        return reason if reason in ("stop", "length", "error") else "stop"
 
     def status_of(reason):
-        return {"stop": "200", "length": "200"}.get(reason, reason)
+        return {"stop": "200", "length": "200", "error": "500"}.get(reason, reason)
+
+    def failed(ev: Event) -> APIError:
+        """The HTTP error for a request that ended without output (timeout, error)."""
+        if ev.finish_reason == "timeout":
+            return APIError(408, "the request timed out", "timeout")
+        return APIError(500, ev.error or "internal server error", "internal_error", "server_error")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         check_model(body.model)
         check_unsupported(body)
         ids = encode_messages(body)
-        params = sampling(body, body.max_completion_tokens or body.max_tokens, len(ids))
+        mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = sampling(body, mt, len(ids), "messages")
         k = (body.top_logprobs or 0) if body.logprobs else None
         req, q = submit(ids, params, body, logprobs=k)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -295,12 +450,9 @@ def create_app(engine, settings: ServeSettings | None = None):
                 lps.append(lp_entry(ev.token_id, ev.logprob, ev.top_logprobs))
             last = ev
         if last is None or last.finish_reason not in ("stop", "length"):
-            reason = last.finish_reason if last else "cancelled"
-            if last is not None:
-                metrics.requests.labels(status=status_of(reason)).inc()
-            if reason == "timeout":
-                raise APIError(408, "the request timed out", "timeout")
-            return Response(status_code=499)
+            if last is None or last.finish_reason == "cancelled":
+                return Response(status_code=499)
+            raise failed(last)
         metrics.requests.labels(status="200").inc()
         return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -316,7 +468,7 @@ def create_app(engine, settings: ServeSettings | None = None):
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
             raise APIError(400, "prompt must be a non-empty string or list of strings", "invalid_value", param="prompt")
         encoded = [engine.tokenizer.encode(p) for p in prompts]
-        params = [sampling(body, body.max_tokens, len(ids)) for ids in encoded]  # all validated before any submit
+        params = [sampling(body, body.max_tokens, len(ids), "prompt") for ids in encoded]  # all validated before any submit
         subs = [submit(ids, pp, body) for ids, pp in zip(encoded, params)]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": cid, "created": created, "model": model_id}
@@ -344,11 +496,14 @@ def create_app(engine, settings: ServeSettings | None = None):
             return text, last
 
         outs = await asyncio.gather(*(collect(r, q) for r, q in subs))
-        if any(last is None or last.finish_reason not in ("stop", "length") for _, last in outs):
-            if any(last is not None and last.finish_reason == "timeout" for _, last in outs):
-                metrics.requests.labels(status="timeout").inc()
-                raise APIError(408, "the request timed out", "timeout")
-            return Response(status_code=499)
+        bad = [last for _, last in outs if last is None or last.finish_reason not in ("stop", "length")]
+        if bad:
+            for r, _ in subs:  # one prompt failed: the others are not worth finishing
+                sched.cancel(r)
+            ended = [b for b in bad if b is not None and b.finish_reason in ("timeout", "error")]
+            if not ended:
+                return Response(status_code=499)
+            raise failed(ended[0])
         metrics.requests.labels(status="200").inc()
         tot = {"prompt_tokens": sum(l.prompt_tokens for _, l in outs),
                "completion_tokens": sum(l.completion_tokens for _, l in outs)}
@@ -365,6 +520,9 @@ def create_app(engine, settings: ServeSettings | None = None):
     @app.get("/health")
     async def health():
         s = sched.stats()
+        reason = scheduler_down() or sched.stalled(st.watchdog_s)
+        if reason:
+            return JSONResponse({"status": "unhealthy", "reason": reason, "model": model_id, **s}, status_code=503)
         return {"status": "ok" if sched.accepting else "draining", "model": model_id, **s}
 
     @app.get("/metrics")

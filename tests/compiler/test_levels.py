@@ -8,6 +8,8 @@ import torch
 
 from openautoglm import Engine
 
+pytestmark = pytest.mark.compile
+
 PROMPTS = ("Hello there", "def f(x):", "東京 😀")
 # stated tolerances on logits against O0: O1 reorders GEMMs (fused weights); O2 adds inductor's fused kernels;
 # O3 may pick bf16 GEMMs (within the kernel selector's quality budget)

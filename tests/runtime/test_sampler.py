@@ -87,3 +87,18 @@ def test_greedy_ids_are_torch_argmax_ties_and_nan_included(dtype):
     out = greedy_ids(x[:, ::1])
     assert out.dtype == torch.long and torch.equal(out, x.argmax(-1))
     assert torch.equal(greedy_ids(x.t().contiguous().t()), x.argmax(-1))  # non-contiguous rows
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e300])
+def test_extreme_repetition_penalty_samples_a_seen_or_best_token(penalty):
+    """A penalty of 1e-300 sends seen positive logits to +inf (softmax NaN): sampling returns the penalized
+    row's argmax (the limit) instead of raising. 1e300 sends seen negative ones to -inf: never drawn."""
+    l = _logits()
+    seen = [int(i) for i in torch.topk(l, 5).indices] + [int(l.argmin())]
+    got = sample(l[None], [SamplingParams(temperature=1.0, repetition_penalty=penalty, seed=0)], [make_generator(0)],
+                 [seen])
+    ref = apply_repetition_penalty(l.clone(), torch.tensor(sorted(set(seen))), penalty)
+    if penalty < 1:
+        assert int(got[0]) == int(ref.argmax())
+    else:
+        assert ref[int(got[0])] > float("-inf") and int(got[0]) != int(l.argmin())

@@ -92,6 +92,10 @@ def test_a_sampler_fault_fails_that_request_alone(server, reference, monkeypatch
         else:
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference[i], i
     assert server.app.state.scheduler.fatal is None
+    # the bad request alone, again and again: it fails each time, and the server does not count it as a crash
+    for _ in range(5):
+        assert _complete(server, 3, seed=4242).status_code == 500
+    assert server.app.state.scheduler.fatal is None and httpx.get(server.url + "/health").status_code == 200
     monkeypatch.undo()
     assert _complete(server, 3).json()["choices"][0]["text"] == reference[3]
 
@@ -163,10 +167,18 @@ def test_watchdog_turns_health_to_503_and_deadlines_still_hold(server, faulty):
     _wait(lambda: httpx.get(server.url + "/health").status_code == 200, timeout=10)
 
 
-def test_repeated_crashes_stop_the_server(tiny_engine, monkeypatch):
-    monkeypatch.setattr(scheduler_mod.Scheduler, "step", lambda self: 1 / 0)
+@pytest.mark.parametrize("broken", ["step", "model"])
+def test_repeated_crashes_stop_the_server(tiny_engine, monkeypatch, broken):
+    if broken == "step":  # the scheduler's own machinery raises
+        monkeypatch.setattr(scheduler_mod.Scheduler, "step", lambda self: 1 / 0)
     with Server(tiny_engine, max_len=512) as s:
-        r = _complete(s, 0)
+        if broken == "model":  # every forward raises: requests fail, and so does the one-token probe
+            s.app.state.scheduler.model = FaultyModel(tiny_engine.model, every=1)
+        for _ in range(3):
+            r = _complete(s, 0)
+            assert r.status_code in (500, 503) and "Traceback" not in r.text
+            if s.app.state.fatal:
+                break
         assert r.status_code in (500, 503) and "Traceback" not in r.text
         s.thread.join(30)  # on_fatal stopped the server
         assert not s.thread.is_alive()

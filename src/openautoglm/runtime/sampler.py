@@ -136,5 +136,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             out[b] = int(row.argmax())
             continue
         probs = filter_logits(row, p).softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # an extreme penalty made logits +-inf: the argmax is the limit
+            out[b] = int(row.argmax())
+            continue
         out[b] = int(torch.multinomial(probs.cpu(), 1, generator=generators[b]))
     return out

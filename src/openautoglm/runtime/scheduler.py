@@ -11,10 +11,11 @@ prompt is cut into chunks interleaved with everybody else's decode. A request's 
 Faults: an exception in a step's batched forward or sampling re-runs that step's rows one by one (rewriting
 the same cache positions is harmless), so a fault that belongs to one request fails that request alone
 (``finish_reason="error"``) and a transient fault fails nobody. Per-request bookkeeping (sampling the first
-token, detokenizing, stop strings, the sink) is guarded request by request. A step in which nothing could
-progress counts as a failure; ``max_failures`` of them within ``failure_window_s`` make the scheduler fatal:
-it fails everything it holds, stops accepting, and ``run`` returns, so the process can exit and a supervisor
-restart it. ``last_progress`` feeds the server's watchdog.
+token, detokenizing, stop strings, the sink) is guarded request by request. A step counts as failed when an
+exception escapes those guards, or when all its requests failed and the model fails a one-token probe too (so
+a bad request sent again and again is not a crash); ``max_failures`` failed steps within ``failure_window_s``
+make the scheduler fatal: it fails everything it holds, stops accepting, and ``run`` returns, so the process
+can exit and a supervisor restart it. ``last_progress`` feeds the server's watchdog.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ class Scheduler:
                 self._fail(r, None)
 
     def step(self) -> bool:
-        """One iteration. False when it ran requests and none of them could progress (all failed)."""
+        """One iteration. False when it ran requests, all of them failed, and a one-token probe fails too."""
         now = time.monotonic()
         with self.lock:
             for r in list(self.queue):
@@ -239,7 +240,27 @@ class Scheduler:
             self._guarded(decoding, self._decode_forward, self._emit_sampled)
         self.last_progress = time.monotonic()
         self.on_metrics(self.stats())
-        return not running or any(r.finish_reason != "error" for r in running)
+        if running and all(r.finish_reason == "error" for r in running):
+            return self._probe()
+        return True
+
+    def _probe(self) -> bool:
+        """After a step in which every request failed: can the model still run one token (at position 0 of a
+        free cache row, which the next request there overwrites)? If so the fault was the requests' (a bad
+        request sent again and again must not bring the server down); if not, the step counts as failed."""
+        with self.lock:
+            slot = self.free_slots[0] if self.free_slots else None
+        if slot is None:
+            return False
+        try:
+            self.cache.select(torch.tensor([slot], device=self.device))
+            with torch.inference_mode():
+                self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                           torch.zeros(1, 1, dtype=torch.long, device=self.device), self.cache)
+            return True
+        except Exception:
+            log.exception("the model fails on a one-token probe too")
+            return False
 
     def _guarded(self, items: list, compute: Callable, commit: Callable) -> None:
         """``compute`` the batch (one result per item); if it raises, compute each item alone once more, and

@@ -56,3 +56,22 @@ class DeviceNotAvailableError(OpenAutoGLMError, RuntimeError):
 
 class OptimizeLevelError(OpenAutoGLMError, ValueError):
     """The optimize level is unknown or not built yet."""
+
+
+class corrupt_on_error:
+    """``with corrupt_on_error("x.gguf's metadata"):`` turns an untyped exception raised while parsing untrusted
+    file data (a TypeError on a value of the wrong type, a tokenizers parse error, ...) into one
+    :class:`CorruptModelError` line. Typed errors and MemoryError pass through unchanged."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, e, tb):
+        if e is None or isinstance(e, (OpenAutoGLMError, MemoryError)) or not isinstance(e, Exception):
+            return False
+        detail = " ".join(f"{type(e).__name__}: {e}".split())
+        detail = detail if len(detail) <= 200 else detail[:200] + "..."
+        raise CorruptModelError(f"{self.what} is corrupt or malformed ({detail})") from None

@@ -14,7 +14,7 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import InvalidModelError, InvalidParameterError
+from .errors import InvalidModelError, InvalidParameterError, corrupt_on_error
 
 # Splits llama.cpp applies before byte-level BPE, per tokenizer.ggml.pre (llama-vocab.cpp).
 _GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -95,6 +95,11 @@ class Tokenizer:
     # ---- constructors -------------------------------------------------------------------------------
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+        with corrupt_on_error("the GGUF tokenizer metadata"):
+            return cls._from_gguf_metadata(meta)
+
+    @classmethod
+    def _from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
         from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers.models import BPE
@@ -150,12 +155,17 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer":
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise InvalidModelError(f"{path} has no tokenizer.json")
+        with corrupt_on_error(f"the tokenizer of {path}"):
+            return cls._from_hf_dir(path, eos_token_ids)
+
+    @classmethod
+    def _from_hf_dir(cls, path: Path, eos_token_ids: tuple[int, ...]) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
-        path = Path(path)
         tj = path / "tokenizer.json"
-        if not tj.is_file():
-            raise InvalidModelError(f"{path} has no tokenizer.json")
         bk = HFTokenizer.from_file(str(tj))
         conf = {}
         if (path / "tokenizer_config.json").is_file():

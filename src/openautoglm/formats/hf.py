@@ -34,6 +34,8 @@ def read_safetensors_header(fp: Path) -> tuple[int, dict, dict]:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
         meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ must map strings to strings")
         data_size = size - 8 - n
         for k, e in header.items():
             lo, hi = e["data_offsets"]
@@ -69,7 +71,10 @@ def read_hf_dir(path: str | Path) -> Checkpoint:
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map", {})
+        idx = read_json(index)
+        weight_map = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
+            raise CorruptModelError(f"{index} must hold a weight_map of tensor names to file names in {path}")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))

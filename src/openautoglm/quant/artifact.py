@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InvalidModelError, InvalidParameterError
+from ..errors import CorruptModelError, InvalidModelError, InvalidParameterError, corrupt_on_error
 from .config import config_from_dict, config_to_dict
 
 FORMAT_VERSION = 1
@@ -62,14 +62,24 @@ def apply_quantized_structure(model: nn.Module, qinfo: dict, load) -> set[str]:
 
     Returns the tensor names consumed.
     """
+    if not isinstance(qinfo, dict):
+        raise CorruptModelError("the artifact's quantization record (config.json) must be an object")
     if qinfo.get("format_version") != FORMAT_VERSION:
         raise InvalidModelError(f"quantized artifact format {qinfo.get('format_version')} is not supported "
                                 f"(this version reads {FORMAT_VERSION})")
     from .api import install
     from .modules import IntxLinear, from_qparams
 
+    plan = qinfo.get("plan", {})
+    if not isinstance(plan, dict):
+        raise CorruptModelError("the artifact's quantization plan (config.json) must be an object")
+    with corrupt_on_error("the artifact's quantization record (config.json)"):
+        return _apply_plan(model, plan, load, install, IntxLinear, from_qparams)
+
+
+def _apply_plan(model, plan: dict, load, install, IntxLinear, from_qparams) -> set[str]:
     used = set()
-    for name, cd in qinfo.get("plan", {}).items():
+    for name, cd in plan.items():
         cfg = config_from_dict(cd)
         layer = model.get_submodule(name)
         prefix = f"{name}.table" if name == "model.embed_tokens" else name

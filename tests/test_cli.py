@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from openautoglm import cli
 
 
@@ -44,4 +46,10 @@ def test_chat_repl_answers_and_exits_on_eof(tiny_engine, tiny_engine_dir):
 def test_parser_knows_every_subcommand():
     p = cli.build_parser()
     sub = next(a for a in p._actions if a.dest == "cmd")
-    assert {"run", "chat", "info"} <= set(sub.choices)
+    # exactly the product's subcommands (README), each with a handler and a help that exits 0
+    assert set(sub.choices) == {"run", "chat", "info", "quantize", "eval", "bench", "serve"}
+    for name, sp in sub.choices.items():
+        assert callable(sp.get_default("func")), name
+        with pytest.raises(SystemExit) as e:
+            p.parse_args([name, "--help"])
+        assert e.value.code == 0, name

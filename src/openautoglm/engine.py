@@ -23,7 +23,6 @@ from .sysmem import return_freed_memory
 #: Every optimize level, in order. See ``compile``.
 OPTIMIZE_LEVELS = ("O0", "O1", "O2", "O3")
 #: The levels that are built today.
-AVAILABLE_LEVELS = ("O0", "O1", "O2", "O3")
 
 
 def available_devices() -> list[str]:
@@ -49,12 +48,10 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_level(optimize_level: str) -> str:
-    """The canonical level name; OptimizeLevelError if unknown or not built yet."""
+    """The canonical level name; OptimizeLevelError if unknown."""
     lvl = str(optimize_level).upper()
     if lvl not in OPTIMIZE_LEVELS:
         raise OptimizeLevelError(f"unknown optimize level {optimize_level!r}; levels: {', '.join(OPTIMIZE_LEVELS)}")
-    if lvl not in AVAILABLE_LEVELS:
-        raise OptimizeLevelError(f"optimize level {lvl} is not built yet; available: {', '.join(AVAILABLE_LEVELS)}")
     return lvl
 
 
@@ -196,7 +193,9 @@ class Engine:
 
     def generate(self, input_data, **kwargs) -> list[GenerationResult]:
         """Full results (text, token ids, finish reason, token counts), one per prompt."""
-        prompts, _ = self.encode_input(input_data)
+        return self._generate(self.encode_input(input_data)[0], kwargs)
+
+    def _generate(self, prompts: list[list[int]], kwargs: dict) -> list[GenerationResult]:
         g = self.new_generation(prompts, self._params(**kwargs))
         for _ in g:
             pass
@@ -210,9 +209,9 @@ class Engine:
         Returns the generated text, or a list of texts for a batch. Greedy by default (temperature 0).
         Extra keyword arguments: ``min_p``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``.
         """
-        _, batched = self.encode_input(input_data)
-        res = self.generate(input_data, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, stop=stop, **kwargs)
+        prompts, batched = self.encode_input(input_data)
+        res = self._generate(prompts, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                           seed=seed, stop=stop, **kwargs))
         texts = [r.text for r in res]
         return texts if batched else texts[0]
 

@@ -8,6 +8,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from ..host import atomic_path, atomic_write_text
+
 INTERESTING_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
                      "amx_tile", "amx_int8", "amx_bf16", "avx_vnni", "neon", "asimd", "sve")
 
@@ -116,10 +118,7 @@ def table(rows: list[dict], baseline: str | None = "llama.cpp") -> str:
 
 
 def write_json(path: str | Path, machine: dict, rows: list[dict], command: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"machine": machine, "command": command, "results": rows}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"machine": machine, "command": command, "results": rows}, indent=1))
 
 
 def plot(path: str | Path, rows: list[dict], title: str) -> None:
@@ -150,11 +149,9 @@ def plot(path: str | Path, rows: list[dict], title: str) -> None:
     axes[0].set_yticks(list(y), labels, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:  # (savefig picks the format from the suffix, which tmp keeps)
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def markdown(rows: list[dict], baseline: str = "llama.cpp") -> str:

@@ -22,10 +22,10 @@ Each pass lives in ``passes/`` (one per file), rewrites a model in place, and ha
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from ..host import cache_root
 
 # order matters: fusions run first, so folding scales the fused weights once; dead ops go last
 PASSES = ("fuse_qkv", "fuse_gate_up", "fold_rmsnorm", "dead_ops")
@@ -41,10 +41,6 @@ def get_pass(name: str):
 def run_passes(model, names=PASSES) -> dict[str, int]:
     """Apply the named passes in the canonical order; returns how many sites each rewrote."""
     return {n: get_pass(n)(model) for n in PASSES if n in names}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OPENAUTOGLM_CACHE", Path.home() / ".cache" / "openautoglm"))
 
 
 @dataclass

@@ -62,7 +62,7 @@ def _sources_digest() -> str:
 def package_key(model: nn.Module, cache_shape: tuple, static_len: int) -> str:
     """What determines the compiled code: module tree, config, cache tensors' shape, attended length, dtypes,
     our sources, the CPU and torch."""
-    from .autotune import cpu_key
+    from ..host import cpu_key
 
     h = hashlib.sha256()
     from .. import kernels

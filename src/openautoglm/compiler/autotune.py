@@ -32,7 +32,6 @@ tuned first, on the model's own decode-bucket linears.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -42,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..host import atomic_write_text, cache_root, cpu_key
 from ..models.layers import Attention, attention
 from ..progress import Progress
 
@@ -57,21 +57,7 @@ PREFILL_ONLY = ("bf16-dq", "f32-dq")
 FEWER_THREADS_GAIN = 0.1
 
 
-def cpu_key() -> str:
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
-
-
 def cache_file() -> Path:
-    from . import cache_root
-
     return cache_root() / "autotune.json"
 
 
@@ -89,10 +75,7 @@ def load_cache(path: Path) -> dict:
 
 
 def save_cache(path: Path, d: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(d, indent=0, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(d, indent=0, sort_keys=True))
 
 
 def _fmt(mod: nn.Module) -> str:

@@ -43,18 +43,16 @@ def _build(compiler: str | None, src: Path, flags: list[str], extra_key: bytes =
     atomically; None where there is no compiler or the build fails (callers keep torch's kernels)."""
     if compiler is None:
         return None
-    from ..compiler import cache_root
+    from ..host import atomic_path, cache_root
 
     key = hashlib.sha256(src.read_bytes() + compiler.encode() + " ".join(flags).encode() + extra_key).hexdigest()[:16]
     path = cache_root() / "kernels" / f"{src.stem}-{key}.so"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
-            subprocess.run([compiler, str(src), "-o", str(tmp), *flags], check=True, capture_output=True, timeout=600)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                subprocess.run([compiler, str(src), "-o", str(tmp), *flags], check=True, capture_output=True,
+                               timeout=600)
         except (OSError, subprocess.SubprocessError):
-            tmp.unlink(missing_ok=True)
             return None
     return path
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidParameterError
+from ..host import atomic_write_text, cache_root
 from ..progress import Progress
 from .api import is_tied, planned_layers
 from .awq import fake_quant
@@ -128,7 +128,7 @@ def cache_key(model_path, method: str, windows: torch.Tensor, calib: torch.Tenso
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OPENAUTOGLM_CACHE", Path.home() / ".cache" / "openautoglm")) / "sensitivity"
+    return cache_root() / "sensitivity"
 
 
 @torch.no_grad()
@@ -227,10 +227,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, method: str = "
             floor = max(floor, u.dkld[cfg.name])
             u.dkld[cfg.name] = floor
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({n: u.__dict__ for n, u in out.items()}))
-        os.replace(tmp, cache_path)
+        atomic_write_text(cache_path, json.dumps({n: u.__dict__ for n, u in out.items()}))
     return out
 
 

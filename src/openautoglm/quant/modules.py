@@ -188,7 +188,6 @@ class QuantEmbedding(nn.Module):
 
 
 MODULES = {"int8": Int8Linear, "int4": IntxLinear, "int3": IntxLinear, "int2": IntxLinear, "w8a8": Int8DynActLinear}
-Int4Linear = IntxLinear  # the name earlier code and tests use
 
 
 def quantized_linear(w: torch.Tensor, bias, cfg) -> _QuantLinear:

@@ -179,11 +179,6 @@ class Generation:
                 logits = model(next_ids[:, None].to(device), step_pos[:, None].to(device), cache)[:, -1]
 
 
-def generate_stream(model, tokenizer, prompts, params, eos_ids=None, max_context=None, **kw) -> Iterator[StreamEvent]:
-    """Generate for a batch of tokenized prompts; yields :class:`StreamEvent` as text becomes available."""
-    return iter(Generation(model, tokenizer, prompts, params, eos_ids, max_context, **kw))
-
-
 def generate(model, tokenizer, prompts, params, eos_ids=None, max_context=None, **kw) -> list[GenerationResult]:
     """Run a batch to the end; one :class:`GenerationResult` per prompt."""
     g = Generation(model, tokenizer, prompts, params, eos_ids, max_context, **kw)

@@ -57,7 +57,7 @@ test: install-test
 
 # a fast subset for local work: no real model, no compiled packages, no fuzzing
 check: install-test
-	$(BIN)/python -m pytest -q -m "not slow and not compile and not fuzz"
+	$(BIN)/python -m pytest -q -m "not slow and not compile and not fuzz and not qwen"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

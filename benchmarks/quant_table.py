@@ -1,7 +1,7 @@
 """The quantization table of BENCHMARKS.md: our schemes x methods beside llama.cpp's re-quantizations of the same
 GGUF, all scored by `openautoglm eval` against the same reference (the shipped GGUF dequantized to fp32).
 
-    python benchmarks/quant_table.py --work /tmp/qtable --json benchmarks/quant_table.json
+    python benchmarks/quant_table.py --work /tmp/qtable --json benchmarks/results/quant-table-smollm2-xeon-avx512.json
 
 Every step is a CLI call (`openautoglm quantize`, `openautoglm eval --json`); results are kept in the JSON as
 they come, so an interrupted run resumes. llama.cpp files are made with `llama_cpp.llama_model_quantize`
@@ -113,7 +113,7 @@ def markdown(res: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/qtable")
-    ap.add_argument("--json", default="benchmarks/quant_table.json")
+    ap.add_argument("--json", default="benchmarks/results/quant-table-smollm2-xeon-avx512.json")
     ap.add_argument("--only", default=None, help="comma-separated row labels or llama.cpp types")
     ap.add_argument("--markdown", action="store_true", help="print the table from --json and exit")
     a = ap.parse_args()

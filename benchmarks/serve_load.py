@@ -7,7 +7,7 @@ aggregate generated tokens per second over the level's wall time, and the p50/p9
 of inter-token latency (gaps between streamed chunks). Both servers are started here, on loopback, and stopped
 at the end.
 
-    python benchmarks/serve_load.py --concurrency 1,4,16 --json benchmarks/serve_load.json
+    python benchmarks/serve_load.py --concurrency 1,4,16 --json benchmarks/results/serve-load-smollm2-xeon-avx512.json
 """
 
 from __future__ import annotations

@@ -294,8 +294,14 @@ class TunedLinear(nn.Module):
 
 
 def _linears(model):
+    from ..quant.modules import QuantEmbedding
+
+    # an untied quantized embedding registers its table as a submodule: it is read by rows, never multiplied
+    # (a tied one reads the lm_head's table, which is multiplied and tuned as the head)
+    tables = {id(m.table) for m in model.modules() if isinstance(m, QuantEmbedding) and not m.tied}
     for name, mod in model.named_modules():
-        if name and (type(mod) is nn.Linear or hasattr(mod, "qweight")) and not isinstance(mod, TunedLinear):
+        if (name and (type(mod) is nn.Linear or hasattr(mod, "qweight")) and not isinstance(mod, TunedLinear)
+                and id(mod) not in tables):
             yield name, mod
 
 

@@ -10,7 +10,8 @@ prompt is cut into chunks interleaved with everybody else's decode. A request's 
 
 Faults: an exception in a step's batched forward or sampling re-runs that step's rows one by one (rewriting
 the same cache positions is harmless), so a fault that belongs to one request fails that request alone
-(``finish_reason="error"``) and a transient fault fails nobody. Per-request bookkeeping (sampling the first
+(``finish_reason="error"``) and a transient fault fails nobody (a sampled row of a re-run step draws again from
+its generator, so a seeded request's text may differ after a fault). Per-request bookkeeping (sampling the first
 token, detokenizing, stop strings, the sink) is guarded request by request. A step counts as failed when an
 exception escapes those guards, or when all its requests failed and the model fails a one-token probe too (so
 a bad request sent again and again is not a crash); ``max_failures`` failed steps within ``failure_window_s``
@@ -183,12 +184,12 @@ class Scheduler:
                 continue
             try:
                 ok = self.step()
-            except Exception as e:  # a fault outside the per-request guards: fail what the step held
+            except Exception:  # a fault outside the per-request guards: fail what the step held
                 log.exception("scheduler step failed")
                 with self.lock:
                     held = list(self.running)
                 for r in held:
-                    self._fail(r, e)
+                    self._fail(r)
                 ok = False
             if not ok:
                 self._count_failure()
@@ -206,7 +207,7 @@ class Scheduler:
                 held = list(self.queue) + list(self.running)
                 self.queue.clear()
             for r in held:
-                self._fail(r, None)
+                self._fail(r)
 
     def step(self) -> bool:
         """One iteration. False when it ran requests, all of them failed, and a one-token probe fails too."""
@@ -275,15 +276,15 @@ class Scheduler:
                     results.append((it, compute([it])[0]))
                 except Exception as e1:
                     log.error("request %s failed", _req(it).id, exc_info=e1)
-                    self._fail(_req(it), e1)
+                    self._fail(_req(it))
         for it, res in results:
             try:
                 commit(it, res)
             except Exception as e:
                 log.error("request %s failed", _req(it).id, exc_info=e)
-                self._fail(_req(it), e)
+                self._fail(_req(it))
 
-    def _fail(self, r: Request, exc: BaseException | None) -> None:
+    def _fail(self, r: Request) -> None:
         """End r with ``finish_reason="error"``; safe to call from the scheduler thread at any point."""
         if r.finish_reason == "error":
             return

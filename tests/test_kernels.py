@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from openautoglm import kernels
-from openautoglm.compiler.autotune import DequantBF16Linear, DequantF32Linear
+from openautoglm.compiler.impls import DequantBF16Linear, DequantF32Linear
 from openautoglm.quant import primitives as P
 from openautoglm.quant.config import IntxWeightOnlyConfig
 from openautoglm.quant.modules import IntxLinear

@@ -57,7 +57,7 @@ def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch,
     picked = {c for v in tuned["choices"].values() for c in v} | {tuned["attention"]}
     assert prefer in picked
     if prefer == "decode":  # our decode attention operator in every layer, inside the compiled decode step
-        from openautoglm.compiler.autotune import DecodeAttention
+        from openautoglm.compiler.impls import DecodeAttention
 
         assert sum(isinstance(m, DecodeAttention) for m in e1.model.modules()) == e1.model.config.num_hidden_layers
     if second:  # and so builds no CPU pack, and the plan counts none

@@ -59,7 +59,7 @@ def weight_bytes(model) -> int:
 def packing_layers(model):
     """The int4 layers that build a CPU pack: those that may run their native kernel (not those an O3 choice
     replaced in both buckets)."""
-    from .autotune import TunedLinear
+    from .impls import TunedLinear
 
     skip = {id(t.impls["native"]) for t in model.modules() if isinstance(t, TunedLinear) and "native" not in t.names}
     return [m for m in model.modules() if hasattr(m, "_pack") and id(m) not in skip]

@@ -126,8 +126,8 @@ def _is_int(v) -> bool:
 
 
 def _int(d: dict, key: str, lo: int, hi: int, default=...) -> int:
-    v = d.get(key, default) if default is not ... else d.get(key, ...)
-    if v is None and default is not ...:
+    v = d.get(key, default)
+    if v is None:  # an explicit null takes the default too
         v = default
     if v is ... or v is None:
         raise InvalidModelError(f"config.json is missing {key}")

@@ -6,8 +6,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+
+# "auto" (the default level) starts a background O3 build on a cold machine: not in the test session, where dozens
+# of processes would compete for the cores (tests/compiler/test_auto.py turns it on for itself)
+os.environ["OPENAUTOGLM_BACKGROUND_BUILD"] = "0"
 
 TINY = dict(
     vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -116,3 +122,19 @@ def oag_cache(tmp_path_factory):
         del os.environ["OPENAUTOGLM_CACHE"]
     else:
         os.environ["OPENAUTOGLM_CACHE"] = old
+
+
+def decode_kld(model, ref, ids: list[int], prefix: int):
+    """``model`` prefilled on ``ids[:prefix]`` then decoding the rest one token a step through its KV cache,
+    against ``ref``'s uncached logits on the whole sequence: (per-step KLD(ref || model), top-1 agreement)."""
+    from openautoglm.runtime.kv_cache import KVCache
+
+    with torch.no_grad():
+        want = ref(torch.tensor([ids]))[0, prefix - 1:len(ids) - 1].float()
+        cache = KVCache.for_model(model, 1, len(ids))
+        got = [model(torch.tensor([ids[:prefix]]), torch.arange(prefix)[None], cache)[0, -1]]
+        for i in range(prefix, len(ids) - 1):
+            got.append(model(torch.tensor([[ids[i]]]), torch.tensor([[i]]), cache)[0, -1])
+        got = torch.stack(got).float()
+    lp, lq = torch.log_softmax(want, -1), torch.log_softmax(got, -1)
+    return (lp.exp() * (lp - lq)).sum(-1), float((got.argmax(-1) == want.argmax(-1)).float().mean())

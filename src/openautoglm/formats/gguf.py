@@ -1,4 +1,4 @@
-"""GGUF reader: metadata -> HF config dict, tensors -> float32 under HF names.
+"""GGUF reader: metadata -> HF config dict, tensors -> float32 under HF names, or quantized ones as stored.
 
 Metadata and the tensor index come from ``gguf_header.read_header`` (bounded, and 30x faster than gguf-py's
 ``GGUFReader`` on a 49k-token vocabulary; the tests hold the two equal). Each tensor's bytes are read from the
@@ -137,8 +137,22 @@ def _read_gguf(path: Path, header) -> Checkpoint:
             w = unpermute_rope(w, kv)
         return w
 
+    def load_raw(name: str) -> torch.Tensor:
+        """A quantized tensor's blocks as stored, one row of blocks a weight row: (N, bytes a row) uint8 (rows
+        are whole blocks, so the q/k row permutation is undone on the bytes, exactly). Other types: ``load``."""
+        info = infos[name]
+        if info.storage in ("F32", "F16", "BF16") or len(info.shape) != 2:
+            return load(name)
+        gguf_name, offset, nbytes = by_hf[name]
+        raw = read_owned(path, offset, nbytes, f"tensor {gguf_name}").reshape(info.shape[0], -1)
+        if permute and name.endswith("self_attn.q_proj.weight"):
+            raw = unpermute_rope(raw, heads).contiguous()
+        elif permute and name.endswith("self_attn.k_proj.weight"):
+            raw = unpermute_rope(raw, kv).contiguous()
+        return raw
+
     tok_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
     return Checkpoint(
         path=path, format="gguf", config=cfg, tensors=infos, _loader=load,
-        tokenizer={"kind": "gguf", "metadata": tok_meta}, metadata=meta,
+        tokenizer={"kind": "gguf", "metadata": tok_meta}, metadata=meta, _raw_loader=load_raw,
     )

@@ -125,6 +125,7 @@ def _dequant_int4(qweight, scales, zeros, group_size, out, path, dtype) -> torch
 # --- torch operators (gemv.cpp): weight-only GEMVs for decode, callable from AOTInductor's compiled step ---
 
 _OPS_SRC = Path(__file__).with_name("gemv.cpp")
+_GGML_SRC = Path(__file__).with_name("ggml.cpp")  # GGML block formats, as the GGUF file stores them
 
 
 def _ops_flags() -> list[str]:
@@ -140,13 +141,14 @@ def _ops_flags() -> list[str]:
 
 def sources_digest() -> str:
     """What every native kernel's speed depends on: the C and C++ sources (part of the autotune cache key)."""
-    return hashlib.sha256(_SRC.read_bytes() + _OPS_SRC.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(_SRC.read_bytes() + _OPS_SRC.read_bytes() + _GGML_SRC.read_bytes()).hexdigest()[:16]
 
 
 def ops_digest() -> str:
     """What the operators' machine code and their C entry points depend on (part of the AOTInductor package key:
     packages call them)."""
-    return hashlib.sha256(_OPS_SRC.read_bytes() + repr(_C_SHIMS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    return hashlib.sha256(_OPS_SRC.read_bytes() + _GGML_SRC.read_bytes() + repr(_C_SHIMS).encode()
+                          + torch.__version__.encode()).hexdigest()[:16]
 
 
 # the C entry points gemv.cpp defines for AOTInductor (aoti_torch_cpu_<operator>; the schema's arguments in order,
@@ -163,6 +165,10 @@ _C_SHIMS = {
     "decode_attention": "AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, "
                         "AtenTensorHandle v, AtenTensorHandle mask, double* scale, int64_t path, "
                         "AtenTensorHandle* ret0)",
+    "ggml_gemv": "AOTITorchError aoti_torch_cpu_ggml_gemv(AtenTensorHandle x, AtenTensorHandle raw, int64_t qtype, "
+                 "int64_t K, int64_t path, AtenTensorHandle* ret0)",
+    "ggml_dequant": "AOTITorchError aoti_torch_cpu_ggml_dequant(AtenTensorHandle raw, int64_t qtype, int64_t K, "
+                    "int64_t bf16, int64_t path, AtenTensorHandle* ret0)",
 }
 
 
@@ -179,12 +185,14 @@ def c_shims() -> dict:
 def load_ops() -> bool:
     """Build (once per machine, ~15 s, into the cache) and load the ``openautoglm::`` operators. False where no
     C++ compiler works; callers then keep torch's kernels."""
-    path = _build(_which("CXX", ("c++", "g++", "clang++")), _OPS_SRC, _ops_flags(), torch.__version__.encode())
-    if path is None:
+    cxx = _which("CXX", ("c++", "g++", "clang++"))
+    paths = [_build(cxx, src, _ops_flags(), torch.__version__.encode()) for src in (_OPS_SRC, _GGML_SRC)]
+    if None in paths:
         return False
-    # RTLD_GLOBAL: compiled packages resolve the operators' C entry points (c_shims) against this library
-    ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-    torch.ops.load_library(str(path))
+    for path in paths:  # gemv.cpp defines the library, ggml.cpp adds to it
+        # RTLD_GLOBAL: compiled packages resolve the operators' C entry points (c_shims) against these libraries
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        torch.ops.load_library(str(path))
     _register_fakes()
     return True
 
@@ -202,6 +210,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("openautoglm::int8_gemv")
     def _(x, qweight, scales, path=-1):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("openautoglm::ggml_gemv")
+    def _(x, raw, qtype, K, path=-1):
+        return x.new_empty(x.shape[0], raw.shape[0])
+
+    @torch.library.register_fake("openautoglm::ggml_dequant")
+    def _(raw, qtype, K, bf16=0, path=-1):
+        return raw.new_empty(raw.shape[0], K, dtype=torch.bfloat16 if bf16 else torch.float32)
 
     @torch.library.register_fake("openautoglm::decode_attention")
     def _(q, k, v, mask, scale=None, path=-1):
@@ -239,6 +255,38 @@ def gemv_path(kind: str, arg: int) -> str:
     if kind == "int8":
         return ("scalar", "avx2", "avx512", "avx512vnni")[torch.ops.openautoglm.int8_gemv_path(arg)]
     return ("scalar", "avx512")[torch.ops.openautoglm.int4_gemv_path(arg)]
+
+
+#: ggml type name -> id, for the types ``ggml_gemv`` / ``ggml_dequant`` compute on as stored
+GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+
+def ggml_gemv_path() -> str:
+    """The path ``ggml_gemv`` takes on this CPU: 'avx512vnni', 'avx2' or 'scalar' ('' without the operators)."""
+    if not load_ops():
+        return ""
+    return ("scalar", "avx2", "avx512vnni")[torch.ops.openautoglm.ggml_gemv_path()]
+
+
+def ggml_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, K: int, path: int = -1) -> torch.Tensor:
+    """(M, K) fp32/bf16 activations x GGML block weights ``raw`` (N, bytes a row, as the GGUF file stores them)
+    -> (M, N) in x's dtype. The activations are quantized to int8 per block of 32 and each weight block is dotted
+    in integers (llama.cpp's arithmetic); ``path`` forces 0 (scalar), 1 (AVX2) or 2 (AVX512-VNNI)."""
+    _require_ops()
+    return torch.ops.openautoglm.ggml_gemv(x, raw, GGML_TYPES[qtype], K, path)
+
+
+def ggml_dequant(raw: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = torch.float32,
+                 path: int = -1) -> torch.Tensor:
+    """GGML block weights (N, bytes a row) -> (N, K) fp32 (bit for bit gguf-py's ``dequantize``) or bf16 (that,
+    rounded to nearest even). ``path`` forces 0 (scalar) or 1 (AVX2)."""
+    _require_ops()
+    return torch.ops.openautoglm.ggml_dequant(raw, GGML_TYPES[qtype], K, int(dtype == torch.bfloat16), path)
+
+
+def _require_ops() -> None:
+    if not load_ops():
+        raise RuntimeError("the native operators are not available (no working C++ compiler)")
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,

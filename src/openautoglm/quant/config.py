@@ -55,6 +55,26 @@ def Int4WeightOnlyConfig(group_size: int = 32) -> IntxWeightOnlyConfig:  # noqa:
 
 
 @dataclass(frozen=True)
+class GGMLConfig:
+    """A GGML block format (``Q4_K``, ``Q5_0``, ``Q8_0``...) kept as the GGUF file stores it: what a GGUF
+    checkpoint's quantized tensors load as. Not a quantization scheme of ours: nothing quantizes to it."""
+
+    qtype: str
+    version: int = 1
+    scheme: str = "gguf"
+
+    def bits_per_weight(self, in_features: int) -> float:
+        from ..formats.gguf_quants import BLOCK_SIZES
+
+        block, nbytes = BLOCK_SIZES[self.qtype]
+        return 8 * nbytes / block
+
+    @property
+    def name(self) -> str:
+        return self.qtype.lower()
+
+
+@dataclass(frozen=True)
 class Int8DynActInt8WeightConfig:
     """W8A8 dynamic: int8 weights per output channel, activations quantized to int8 per token at run time,
     int8 x int8 -> int32 matmul (``torch._int_mm``)."""

@@ -162,6 +162,53 @@ class Int8DynActLinear(_QuantLinear):
         return super().forward_reference(xd)
 
 
+GEMV_MAX_ROWS = 16  # token counts up to this take the GEMV; more dequantize once and run a GEMM
+
+
+class GGMLLinear(_QuantLinear):
+    """A linear on GGML block weights held exactly as the GGUF file stores them (``raw``: (N, bytes a row)), so
+    a GGUF model's quantized tensors load with no conversion and no float copy, and a token reads the bytes
+    llama.cpp reads. Decode's few rows run ``ggml_gemv`` (integer dot products on the blocks, activations in
+    int8 per block of 32, llama.cpp's arithmetic); more rows dequantize the matrix once per call
+    (``ggml_dequant``, bit for bit gguf-py's values) into a bf16 GEMM where the CPU multiplies bf16 natively, an
+    fp32 one elsewhere. The reference path dequantizes with ``formats.gguf_quants`` (torch, no native code)."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        from ..host import native_bf16
+        from ..kernels import GGML_TYPES
+        from .config import GGMLConfig
+
+        if qtype not in GGML_TYPES:
+            raise ValueError(f"no kernel computes on {qtype}; kernels: {', '.join(GGML_TYPES)}")
+        self.config = GGMLConfig(qtype)
+        self.qtype, self.type_id = qtype, GGML_TYPES[qtype]
+        self.out_features, self.in_features = raw.shape[0], in_features
+        self.register_buffer("raw", raw.contiguous())
+        self.bias = _bias(bias)
+        self.bf16_gemm = native_bf16()
+
+    def dequantized(self) -> torch.Tensor:
+        from ..formats.gguf_quants import dequantize
+
+        return dequantize(self.raw, self.qtype, (self.out_features, self.in_features))
+
+    def dequantize_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        flat = idx.reshape(-1)
+        w = torch.ops.openautoglm.ggml_dequant(self.raw[flat], self.type_id, self.in_features, 0)
+        return w.reshape(*idx.shape, self.in_features)
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= GEMV_MAX_ROWS:
+            y = torch.ops.openautoglm.ggml_gemv(x2, self.raw, self.type_id, self.in_features)
+        else:
+            w = torch.ops.openautoglm.ggml_dequant(self.raw, self.type_id, self.in_features, int(self.bf16_gemm))
+            y = nn.functional.linear(x2.to(w.dtype), w)
+        return self._out(y, x, shape)
+
+
 class QuantEmbedding(nn.Module):
     """Embedding rows dequantized from a quantized (V, D) table. ``tied``: the table is the model's quantized
     ``lm_head`` (not registered here, so it is stored and moved once)."""
@@ -217,13 +264,17 @@ def cat_rows(mods: list[nn.Module]) -> nn.Module | None:
                 fused.bias.copy_(torch.cat([m.bias.detach() for m in mods], 0))
         return fused.requires_grad_(False)
     t = type(mods[0])
-    if t not in (Int8Linear, IntxLinear, Int8DynActLinear) or any(type(m) is not t or m.config != mods[0].config
+    if t not in (Int8Linear, IntxLinear, Int8DynActLinear, GGMLLinear) or any(type(m) is not t or m.config != mods[0].config
                                                                   for m in mods):
         return None
     biases = [m.bias for m in mods]
     if any(b is None for b in biases) and not all(b is None for b in biases):
         return None
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    if t is GGMLLinear:  # rows are whole blocks: the stored rows concatenate as they are
+        if any(m.in_features != mods[0].in_features for m in mods):
+            return None
+        return GGMLLinear(torch.cat([m.raw for m in mods], 0), mods[0].qtype, mods[0].in_features, bias)
     cat = {k: torch.cat([getattr(m, k) for m in mods], 0) for k in ("qweight", "scales", "zeros") if hasattr(mods[0], k)}
     if t is IntxLinear:  # packed rows concatenate as they are: no unpacking (no int32 transient)
         return IntxLinear.from_packed(cat["qweight"], cat["scales"], cat["zeros"], mods[0].bits,

@@ -1,0 +1,618 @@
+// GGML block-quantized weights, computed on as the GGUF file stores them (no conversion, no float copy), as torch
+// operators (so that torch.export traces them) with C shims (so that AOTInductor's compiled decode step calls them
+// directly; see the end of this file).
+//
+// openautoglm::ggml_gemv(x (M, K) fp32 or bf16, raw (N, row_bytes) uint8, int qtype, int K, int path=-1)
+//     -> (M, N) in x's dtype.  Decode's few rows.  x is quantized to int8 per block of 32 (d = max|x| / 127,
+//     q = round_half_even(x * (127 / max|x|))), as llama.cpp quantizes activations for its own dot products, and
+//     each weight block is decoded into 32 signed 8-bit codes c with a scale and an offset per half (16 weights),
+//     w = d * c + m, so that   y = sum_half (d_w * d_x) * sum(c * q)  +  m * d_x * sum(q)   with exact integer dot
+//     products and fp32 accumulation.  Paths: 2 = AVX512-VNNI (vpdpbusd on 256 bits), 1 = AVX2 (vpmaddubsw),
+//     0 = scalar: the same arithmetic, the tests' reference.
+// openautoglm::ggml_dequant(raw (N, row_bytes) uint8, int qtype, int K, int bf16) -> (N, K) fp32 (bit for bit
+//     gguf-py's dequantization: the same fp32 operations in the same order) or bf16 (that, rounded to nearest
+//     even): for prefill's GEMM, one dequantization a call.
+//
+// qtype is the ggml type id: Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14.  A row is whole
+// blocks (K a multiple of the block size), so rows are independent and split over torch's intra-op threads.
+// Compiled as ISO C++ (-std=c++20): no floating-point contraction, which the bit-exact dequantization relies on.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define OAG_X86 1
+#endif
+
+namespace {
+
+enum QT : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+struct Layout {
+    int64_t block, bytes;  // weights and bytes a block
+};
+
+Layout layout(int64_t qt) {
+    switch (qt) {
+        case Q4_0: return {32, 18};
+        case Q4_1: return {32, 20};
+        case Q5_0: return {32, 22};
+        case Q5_1: return {32, 24};
+        case Q8_0: return {32, 34};
+        case Q4_K: return {256, 144};
+        case Q5_K: return {256, 176};
+        case Q6_K: return {256, 210};
+        default: return {0, 0};
+    }
+}
+
+inline float h2f(const uint8_t *p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+inline uint32_t u32(const uint8_t *p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+// the 6-bit scale and min of sub-block j of a Q4_K / Q5_K block (ggml's get_scale_min_k4)
+inline void scale_min_k4(int j, const uint8_t *q, int &sc, int &mn) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        mn = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// one sub-block of 32 weights: w[i] = d[i / 16] * c[i] + m[i / 16]
+struct Sub {
+    int8_t c[32];
+    float d[2], m[2];
+};
+
+// the scales and offsets of sub-block s of block b (the part of a decode that is not the codes)
+template <int64_t T>
+inline void params(const uint8_t *b, int s, float d[2], float m[2]) {
+    if constexpr (T == Q4_0 || T == Q5_0 || T == Q8_0) {
+        d[0] = d[1] = h2f(b);
+        m[0] = m[1] = 0.0f;
+    } else if constexpr (T == Q4_1 || T == Q5_1) {
+        d[0] = d[1] = h2f(b);
+        m[0] = m[1] = h2f(b + 2);
+    } else if constexpr (T == Q4_K || T == Q5_K) {
+        int sc, mn;
+        scale_min_k4(s, b + 4, sc, mn);
+        d[0] = d[1] = h2f(b) * (float)sc;
+        m[0] = m[1] = -(h2f(b + 2) * (float)mn);
+    } else {  // Q6_K: a scale per 16
+        const float D = h2f(b + 208);
+        const auto *sc = reinterpret_cast<const int8_t *>(b + 192);
+        d[0] = D * (float)sc[2 * s];
+        d[1] = D * (float)sc[2 * s + 1];
+        m[0] = m[1] = 0.0f;
+    }
+}
+
+#ifdef OAG_X86
+// as params(), the fp16 fields converted by F16C (the same values: fp16 -> fp32 is exact)
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline float h2f_fast(const uint8_t *p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void params_fast(const uint8_t *b, int s, float d[2],
+                                                                              float m[2]) {
+    if constexpr (T == Q4_0 || T == Q5_0 || T == Q8_0) {
+        d[0] = d[1] = h2f_fast(b);
+        m[0] = m[1] = 0.0f;
+    } else if constexpr (T == Q4_1 || T == Q5_1) {
+        d[0] = d[1] = h2f_fast(b);
+        m[0] = m[1] = h2f_fast(b + 2);
+    } else if constexpr (T == Q4_K || T == Q5_K) {
+        int sc, mn;
+        scale_min_k4(s, b + 4, sc, mn);
+        d[0] = d[1] = h2f_fast(b) * (float)sc;
+        m[0] = m[1] = -(h2f_fast(b + 2) * (float)mn);
+    } else {
+        const float D = h2f_fast(b + 208);
+        const auto *sc = reinterpret_cast<const int8_t *>(b + 192);
+        d[0] = D * (float)sc[2 * s];
+        d[1] = D * (float)sc[2 * s + 1];
+        m[0] = m[1] = 0.0f;
+    }
+}
+#endif
+
+template <int64_t T>
+constexpr bool has_offset() {
+    return T == Q4_1 || T == Q5_1 || T == Q4_K || T == Q5_K;
+}
+
+template <int64_t T>
+constexpr int subs() {
+    return (T == Q4_K || T == Q5_K || T == Q6_K) ? 8 : 1;
+}
+
+// the codes of sub-block s, portable
+template <int64_t T>
+inline void codes_scalar(const uint8_t *b, int s, int8_t *c) {
+    if constexpr (T == Q4_0 || T == Q4_1) {
+        const uint8_t *qs = b + (T == Q4_0 ? 2 : 4);
+        const int off = T == Q4_0 ? 8 : 0;
+        for (int j = 0; j < 16; j++) {
+            c[j] = (int8_t)((qs[j] & 15) - off);
+            c[j + 16] = (int8_t)((qs[j] >> 4) - off);
+        }
+    } else if constexpr (T == Q5_0 || T == Q5_1) {
+        const uint32_t qh = u32(b + (T == Q5_0 ? 2 : 4));
+        const uint8_t *qs = b + (T == Q5_0 ? 6 : 8);
+        const int off = T == Q5_0 ? 16 : 0;
+        for (int j = 0; j < 16; j++) {
+            c[j] = (int8_t)(((qs[j] & 15) | (((qh >> j) & 1) << 4)) - off);
+            c[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
+        }
+    } else if constexpr (T == Q8_0) {
+        std::memcpy(c, b + 2, 32);
+    } else if constexpr (T == Q4_K) {
+        const uint8_t *q = b + 16 + 32 * (s / 2);
+        const int sh = 4 * (s & 1);
+        for (int l = 0; l < 32; l++) c[l] = (int8_t)((q[l] >> sh) & 15);
+    } else if constexpr (T == Q5_K) {
+        const uint8_t *qh = b + 16, *q = b + 48 + 32 * (s / 2);
+        const int sh = 4 * (s & 1);
+        for (int l = 0; l < 32; l++) c[l] = (int8_t)(((q[l] >> sh) & 15) | (((qh[l] >> s) & 1) << 4));
+    } else {  // Q6_K
+        const int h = s / 4, u = s % 4;
+        const uint8_t *ql = b + h * 64 + (u & 1) * 32, *qh = b + 128 + h * 32;
+        const int sh = 4 * (u >> 1);
+        for (int l = 0; l < 32; l++) c[l] = (int8_t)((((ql[l] >> sh) & 15) | (((qh[l] >> (2 * u)) & 3) << 4)) - 32);
+    }
+}
+
+// ---- activations: int8 per block of 32 ----
+struct XQ {
+    std::vector<int8_t> q;    // (M, K)
+    std::vector<float> d;     // (M, K / 32)
+    std::vector<int32_t> s;   // (M, K / 16): sums of q per half block
+    std::vector<float> fs;    // (M, K / 32): d * sum of q per block (the offset term of the SIMD paths)
+};
+
+XQ quantize_x(const float *x, int64_t M, int64_t K) {
+    XQ a;
+    a.q.resize(M * K);
+    a.d.resize(M * K / 32);
+    a.s.resize(M * K / 16);
+    a.fs.resize(M * K / 32);
+    for (int64_t i = 0; i < M * K / 32; i++) {
+        const float *xb = x + i * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = std::max(amax, std::fabs(xb[j]));
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        a.d[i] = amax / 127.0f;
+        int32_t s0 = 0, s1 = 0;
+        for (int j = 0; j < 32; j++) {
+            const int v = (int)std::nearbyint(std::min(127.0f, std::max(-127.0f, xb[j] * id)));
+            a.q[i * 32 + j] = (int8_t)v;
+            (j < 16 ? s0 : s1) += v;
+        }
+        a.s[2 * i] = s0;
+        a.s[2 * i + 1] = s1;
+        a.fs[i] = a.d[i] * (float)(s0 + s1);
+    }
+    return a;
+}
+
+struct Args {
+    const uint8_t *raw;
+    int64_t rb;  // bytes a row
+    const XQ *a;
+    int64_t M, N, K;
+    float *y;  // (M, N) fp32
+};
+
+template <int64_t T>
+void rows_scalar(const Args &g, int64_t n0, int64_t n1) {
+    const Layout L = layout(T);
+    const int64_t nb = g.K / L.block;
+    Sub sb;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = g.raw + n * g.rb;
+        for (int64_t mi = 0; mi < g.M; mi++) {
+            const int8_t *xq = g.a->q.data() + mi * g.K;
+            const float *xd = g.a->d.data() + mi * (g.K / 32);
+            const int32_t *xs = g.a->s.data() + mi * (g.K / 16);
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = row + b * L.bytes;
+                for (int s = 0; s < subs<T>(); s++) {
+                    const int64_t k0 = b * L.block + s * 32, i32 = k0 / 32;
+                    codes_scalar<T>(blk, s, sb.c);
+                    params<T>(blk, s, sb.d, sb.m);
+                    for (int h = 0; h < 2; h++) {
+                        int32_t dot = 0;
+                        for (int l = 0; l < 16; l++) dot += (int32_t)sb.c[h * 16 + l] * xq[k0 + h * 16 + l];
+                        acc += (sb.d[h] * xd[i32]) * (float)dot;
+                        if (has_offset<T>()) acc += (sb.m[h] * xd[i32]) * (float)xs[2 * i32 + h];
+                    }
+                }
+            }
+            g.y[mi * g.N + n] = acc;
+        }
+    }
+}
+
+#ifdef OAG_X86
+#define OAG_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+OAG_AVX2 __m256i nibbles(const uint8_t *qs) {  // 16 bytes -> low nibbles (weights 0-15), then high (16-31)
+    // a broadcast load and a blend: no cross-lane shuffle (port 5 is what these loops run out of)
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)));
+    return _mm256_and_si256(_mm256_blend_epi32(b, _mm256_srli_epi16(b, 4), 0xF0), _mm256_set1_epi8(15));
+}
+
+OAG_AVX2 __m256i bits32(uint32_t v, char bit) {  // byte i = `bit` where bit i of v is set, else 0
+    const __m256i sel = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    const __m256i mask = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i t = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)v), sel), mask);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(t, mask), _mm256_set1_epi8(bit));
+}
+
+OAG_AVX2 __m256i ld32(const uint8_t *p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)); }
+
+template <int64_t T>
+OAG_AVX2 __m256i codes_avx2(const uint8_t *b, int s) {
+    if constexpr (T == Q4_0) {
+        return _mm256_sub_epi8(nibbles(b + 2), _mm256_set1_epi8(8));
+    } else if constexpr (T == Q4_1) {
+        return nibbles(b + 4);
+    } else if constexpr (T == Q5_0) {
+        return _mm256_sub_epi8(_mm256_or_si256(nibbles(b + 6), bits32(u32(b + 2), 16)), _mm256_set1_epi8(16));
+    } else if constexpr (T == Q5_1) {
+        return _mm256_or_si256(nibbles(b + 8), bits32(u32(b + 4), 16));
+    } else if constexpr (T == Q8_0) {
+        return ld32(b + 2);
+    } else if constexpr (T == Q4_K || T == Q5_K) {
+        const __m256i q = ld32(b + (T == Q4_K ? 16 : 48) + 32 * (s / 2));
+        __m256i c = _mm256_and_si256(s & 1 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(15));
+        if constexpr (T == Q5_K) {
+            const __m256i bit = _mm256_set1_epi8((char)(1 << s));
+            const __m256i hb = _mm256_cmpeq_epi8(_mm256_and_si256(ld32(b + 16), bit), bit);
+            c = _mm256_or_si256(c, _mm256_and_si256(hb, _mm256_set1_epi8(16)));
+        }
+        return c;
+    } else {  // Q6_K
+        const int h = s / 4, u = s % 4;
+        __m256i ql = ld32(b + h * 64 + (u & 1) * 32);
+        if (u >> 1) ql = _mm256_srli_epi16(ql, 4);
+        ql = _mm256_and_si256(ql, _mm256_set1_epi8(15));
+        __m256i qh = _mm256_and_si256(_mm256_srli_epi16(ld32(b + 128 + h * 32), 2 * u), _mm256_set1_epi8(3));
+        qh = _mm256_slli_epi16(qh, 4);
+        return _mm256_sub_epi8(_mm256_or_si256(ql, qh), _mm256_set1_epi8(32));
+    }
+}
+
+OAG_AVX2 float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// sum of c * q in 8 int32 lanes (lane i: weights 4i..4i+3): |c| as unsigned times q with c's sign
+#define OAG_DOT_BODY                                                                      \
+    const __m256i ac = _mm256_sign_epi8(c, c), sq = _mm256_sign_epi8(q, c);
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256i dot_avx2(__m256i c, __m256i q) {
+    OAG_DOT_BODY
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(ac, sq), _mm256_set1_epi16(1));
+}
+
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline)) inline __m256i dot_vnni(
+    __m256i c, __m256i q) {
+    OAG_DOT_BODY
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), ac, sq);
+}
+
+// software prefetch distance on the weight stream (a thread's rows are one contiguous stream): the hardware
+// prefetchers alone gave 8-11 GB/s on 2 Xeon cores, 8 KB ahead 13-17 (DRAM: ~20 for a plain sum)
+constexpr int64_t PF_AHEAD = 8192;
+
+// R rows at a time (2: 4 was slower, 1 slower on the K-quants): each sub-block of activations is loaded once for R
+// rows, and the R accumulation chains are independent. A macro, once per target: a
+// function compiled for AVX512-VNNI cannot be inlined into an AVX2 one.
+#define OAG_ROWS_R(DOT) \
+    const Layout L = layout(T);                                                                                    \
+    const int64_t nb = g.K / L.block;                                                                              \
+    const uint8_t *row[R];                                                                                         \
+    for (int r = 0; r < R; r++) row[r] = g.raw + (n + r) * g.rb;                                                   \
+    for (int64_t mi = 0; mi < g.M; mi++) {                                                                         \
+        const int8_t *xq = g.a->q.data() + mi * g.K;                                                               \
+        const float *xd = g.a->d.data() + mi * (g.K / 32);                                                         \
+        const float *xs = g.a->fs.data() + mi * (g.K / 32);                                                        \
+        __m256 acc[R];                                                                                             \
+        float macc[R];                                                                                             \
+        for (int r = 0; r < R; r++) {                                                                              \
+            acc[r] = _mm256_setzero_ps();                                                                          \
+            macc[r] = 0.0f;                                                                                        \
+        }                                                                                                          \
+        for (int64_t b = 0; b < nb; b++) {                                                                         \
+            _mm_prefetch(reinterpret_cast<const char *>(row[0] + b * L.bytes + PF_AHEAD), _MM_HINT_T0);           \
+_Pragma("GCC unroll 8")                                                                                            \
+            for (int s = 0; s < subs<T>(); s++) {                                                                  \
+                const int64_t i32 = b * (L.block / 32) + s;                                                        \
+                const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + i32 * 32));            \
+                const float dx = xd[i32];                                                                          \
+_Pragma("GCC unroll 4")                                                                                            \
+                for (int r = 0; r < R; r++) {                                                                      \
+                    const uint8_t *blk = row[r] + b * L.bytes;                                                     \
+                    float d[2], m[2];                                                                              \
+                    params_fast<T>(blk, s, d, m);                                                                  \
+                    const __m256i c = codes_avx2<T>(blk, s);                                                       \
+                    const __m256i p = DOT(c, q);                                                                   \
+                    const __m256 dd = T == Q6_K ? _mm256_set_m128(_mm_set1_ps(d[1] * dx), _mm_set1_ps(d[0] * dx))  \
+                                                : _mm256_set1_ps(d[0] * dx);                                       \
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc[r]);                                   \
+                    if constexpr (has_offset<T>()) macc[r] += m[0] * xs[i32]; /* one offset a sub-block */         \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int r = 0; r < R; r++) g.y[mi * g.N + n + r] = hsum(acc[r]) + macc[r];                                \
+    }                                                                                                              \
+
+template <int64_t T, int R>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void rows_r_avx2(const Args &g, int64_t n) {
+    OAG_ROWS_R(dot_avx2)
+}
+
+template <int64_t T, int R>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline)) inline void rows_r_vnni(
+    const Args &g, int64_t n) {
+    OAG_ROWS_R(dot_vnni)
+}
+
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const Args &g, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) rows_r_avx2<T, 2>(g, n);
+    for (; n < n1; n++) rows_r_avx2<T, 1>(g, n);
+}
+
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"))) void rows_vnni(const Args &g, int64_t n0,
+                                                                                   int64_t n1) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) rows_r_vnni<T, 2>(g, n);
+    for (; n < n1; n++) rows_r_vnni<T, 1>(g, n);
+}
+#endif
+
+bool has(const char *f) {
+#ifdef OAG_X86
+    __builtin_cpu_init();
+    if (!std::strcmp(f, "avx512vnni"))
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma");
+    if (!std::strcmp(f, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    (void)f;
+    return false;
+}
+
+int64_t gemv_path() { return has("avx512vnni") ? 2 : has("avx2") ? 1 : 0; }
+
+using RowsFn = void (*)(const Args &, int64_t, int64_t);
+
+template <int64_t T>
+RowsFn rows_for(int64_t path) {
+#ifdef OAG_X86
+    if (path == 2) return &rows_vnni<T>;
+    if (path == 1) return &rows_avx2<T>;
+#endif
+    (void)path;
+    return &rows_scalar<T>;
+}
+
+RowsFn rows_fn(int64_t qt, int64_t path) {
+    switch (qt) {
+        case Q4_0: return rows_for<Q4_0>(path);
+        case Q4_1: return rows_for<Q4_1>(path);
+        case Q5_0: return rows_for<Q5_0>(path);
+        case Q5_1: return rows_for<Q5_1>(path);
+        case Q8_0: return rows_for<Q8_0>(path);
+        case Q4_K: return rows_for<Q4_K>(path);
+        case Q5_K: return rows_for<Q5_K>(path);
+        case Q6_K: return rows_for<Q6_K>(path);
+        default: return nullptr;
+    }
+}
+
+void check_raw(const at::Tensor &raw, int64_t qt, int64_t K) {
+    const Layout L = layout(qt);
+    TORCH_CHECK(L.block > 0, "ggml type ", qt, " has no kernel here");
+    TORCH_CHECK(K > 0 && K % L.block == 0, "K=", K, " is not a multiple of the block size ", L.block);
+    TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.size(1) == K / L.block * L.bytes,
+                "raw must be (N, ", K / L.block * L.bytes, ") uint8, got ", raw.sizes());
+}
+
+constexpr int64_t GRAIN = 32;  // rows a thread takes at least
+
+at::Tensor ggml_gemv(const at::Tensor &x_, const at::Tensor &raw_, int64_t qt, int64_t K, int64_t path) {
+    check_raw(raw_, qt, K);
+    TORCH_CHECK(x_.dim() == 2 && x_.size(1) == K, "x must be (M, ", K, "), got ", x_.sizes());
+    TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+    const int64_t best = gemv_path(), use = path < 0 ? best : path;
+    TORCH_CHECK(use >= 0 && use <= best, "ggml_gemv: code path ", path, " is not available here");
+    const at::Tensor xf = x_.to(at::kFloat).contiguous(), raw = raw_.contiguous();
+    const int64_t M = xf.size(0), N = raw.size(0);
+    const XQ a = quantize_x(xf.data_ptr<float>(), M, K);
+    at::Tensor y = at::empty({M, N}, xf.options());
+    const Args g{raw.data_ptr<uint8_t>(), raw.size(1), &a, M, N, K, y.data_ptr<float>()};
+    const RowsFn fn = rows_fn(qt, use);
+    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { fn(g, n0, n1); });
+    return x_.scalar_type() == at::kFloat ? y : y.to(x_.scalar_type());
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's conversion
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <int64_t T>
+void dequant_rows(const uint8_t *raw, int64_t rb, int64_t K, void *out, bool bf, int64_t n0, int64_t n1) {
+    const Layout L = layout(T);
+    const int64_t nb = K / L.block;
+    Sub sb;
+    float w[32];
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = raw + n * rb + b * L.bytes;
+            for (int s = 0; s < subs<T>(); s++) {
+                codes_scalar<T>(blk, s, sb.c);
+                params<T>(blk, s, sb.d, sb.m);
+                // gguf-py's order: d * c, then + m (a product, then a sum: no contraction in ISO C++)
+                for (int l = 0; l < 32; l++) {
+                    const float p = sb.d[l >> 4] * (float)sb.c[l];
+                    w[l] = has_offset<T>() ? p + sb.m[l >> 4] : p;
+                }
+                const int64_t k0 = n * K + b * L.block + s * 32;
+                if (bf) {
+                    auto *o = static_cast<uint16_t *>(out) + k0;
+                    for (int l = 0; l < 32; l++) o[l] = to_bf16(w[l]);
+                } else {
+                    std::memcpy(static_cast<float *>(out) + k0, w, sizeof w);
+                }
+            }
+        }
+    }
+}
+
+#ifdef OAG_X86
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void store8(void *out, int64_t k, __m256 w, bool bf) {
+    if (!bf) return _mm256_storeu_ps(static_cast<float *>(out) + k, w);
+    // bf16, round to nearest even (what to_bf16 does; a weight here is never NaN: its fp16 scale would be)
+    const __m256i u = _mm256_castps_si256(w);
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                         _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+    const __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(static_cast<uint16_t *>(out) + k), p);
+}
+
+// as dequant_rows, 8 weights at a time: the same fp32 products and sums, so the same bits
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c"))) void dequant_rows_avx2(const uint8_t *raw, int64_t rb, int64_t K, void *out,
+                                                                bool bf, int64_t n0, int64_t n1) {
+    const Layout L = layout(T);
+    const int64_t nb = K / L.block;
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = raw + n * rb + b * L.bytes;
+            for (int s = 0; s < subs<T>(); s++) {
+                float d[2], m[2];
+                params_fast<T>(blk, s, d, m);
+                const __m256i c = codes_avx2<T>(blk, s);
+                const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+                const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+                const int64_t k0 = n * K + b * L.block + s * 32;
+                for (int j = 0; j < 4; j++) {
+                    const __m256 cf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j]));
+                    __m256 w = _mm256_mul_ps(_mm256_set1_ps(d[j >> 1]), cf);
+                    if constexpr (has_offset<T>()) w = _mm256_add_ps(w, _mm256_set1_ps(m[j >> 1]));
+                    store8(out, k0 + 8 * j, w, bf);
+                }
+            }
+        }
+    }
+}
+#endif
+
+using DqFn = void (*)(const uint8_t *, int64_t, int64_t, void *, bool, int64_t, int64_t);
+
+template <int64_t T>
+DqFn dq_for(int64_t path) {
+#ifdef OAG_X86
+    if (path >= 1) return &dequant_rows_avx2<T>;
+#endif
+    (void)path;
+    return &dequant_rows<T>;
+}
+
+DqFn dq_fn(int64_t qt, int64_t path) {
+    switch (qt) {
+        case Q4_0: return dq_for<Q4_0>(path);
+        case Q4_1: return dq_for<Q4_1>(path);
+        case Q5_0: return dq_for<Q5_0>(path);
+        case Q5_1: return dq_for<Q5_1>(path);
+        case Q8_0: return dq_for<Q8_0>(path);
+        case Q4_K: return dq_for<Q4_K>(path);
+        case Q5_K: return dq_for<Q5_K>(path);
+        case Q6_K: return dq_for<Q6_K>(path);
+        default: return nullptr;
+    }
+}
+
+at::Tensor ggml_dequant(const at::Tensor &raw_, int64_t qt, int64_t K, int64_t bf16, int64_t path) {
+    check_raw(raw_, qt, K);
+    const int64_t best = has("avx2") ? 1 : 0, use = path < 0 ? best : path;
+    TORCH_CHECK(use >= 0 && use <= best, "ggml_dequant: code path ", path, " is not available here");
+    const at::Tensor raw = raw_.contiguous();
+    const int64_t N = raw.size(0);
+    at::Tensor out = at::empty({N, K}, raw.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+    const DqFn fn = dq_fn(qt, use);
+    const uint8_t *rp = raw.data_ptr<uint8_t>();
+    void *op = out.data_ptr();
+    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { fn(rp, raw.size(1), K, op, bf16 != 0, n0, n1); });
+    return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(openautoglm, m) {
+    m.def("ggml_gemv(Tensor x, Tensor raw, int qtype, int K, int path=-1) -> Tensor");
+    m.def("ggml_dequant(Tensor raw, int qtype, int K, int bf16=0, int path=-1) -> Tensor");
+    m.def("ggml_gemv_path() -> int", []() { return gemv_path(); });
+}
+
+TORCH_LIBRARY_IMPL(openautoglm, CPU, m) {
+    m.impl("ggml_gemv", &ggml_gemv);
+    m.impl("ggml_dequant", &ggml_dequant);
+}
+
+namespace {
+using torch::aot_inductor::new_tensor_handle;
+using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+const at::Tensor &T(AtenTensorHandle h) { return *tensor_handle_to_tensor_pointer(h); }
+}  // namespace
+
+extern "C" {
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_ggml_gemv(AtenTensorHandle x, AtenTensorHandle raw, int64_t qtype,
+                                                          int64_t K, int64_t path, AtenTensorHandle *ret0) {
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = new_tensor_handle(ggml_gemv(T(x), T(raw), qtype, K, path)); });
+}
+
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_ggml_dequant(AtenTensorHandle raw, int64_t qtype, int64_t K,
+                                                             int64_t bf16, int64_t path, AtenTensorHandle *ret0) {
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE(
+        { *ret0 = new_tensor_handle(ggml_dequant(T(raw), qtype, K, bf16, path)); });
+}
+}

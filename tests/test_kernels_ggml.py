@@ -1,0 +1,100 @@
+"""The GGML block-format operators (kernels/ggml.cpp) against gguf-py: the dequantization bit for bit, and the
+GEMV against the exact product of gguf-py's dequantized weights with the int8-quantized activations it states."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from openautoglm import kernels
+from openautoglm.formats.gguf_quants import BLOCK_SIZES
+
+pytestmark = pytest.mark.skipif(not kernels.load_ops(), reason="no C++ compiler: the native operators are off")
+
+TYPES = list(kernels.GGML_TYPES)
+F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
+              "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_rows(qtype: str, N: int, K: int, seed: int = 0) -> torch.Tensor:
+    """(N, bytes a row) of random blocks whose fp16 fields hold finite values of realistic size (every other byte
+    pattern is a valid block: codes, packed scales, high bits)."""
+    rng = np.random.default_rng(seed)
+    block, tsize = BLOCK_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(N, K // block, tsize), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        raw[..., off:off + 2] = (rng.standard_normal((N, K // block)) * 0.01).astype(np.float16).view(
+            np.uint8).reshape(N, K // block, 2)
+    return torch.from_numpy(raw.reshape(N, -1))
+
+
+def gguf_py(raw: torch.Tensor, qtype: str) -> torch.Tensor:
+    return torch.from_numpy(quants.dequantize(raw.numpy(), GGMLQuantizationType[qtype]).astype(np.float32))
+
+
+def quantize_x(x: torch.Tensor):
+    """What the GEMV states it does to the activations: per block of 32, d = max|x| / 127 and
+    q = round_half_even(x * (127 / max|x|)), in fp32."""
+    M, K = x.shape
+    xb = x.reshape(M, K // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round((xb * inv).clamp(-127, 127))
+    return q.reshape(M, K), (amax / 127).expand(-1, -1, 32).reshape(M, K)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequant_is_gguf_py_bit_for_bit_on_every_path(qtype):
+    raw = random_rows(qtype, 40, 512)
+    ref = gguf_py(raw, qtype)
+    for path in range(2 if kernels.ggml_gemv_path() else 1):
+        out = kernels.ggml_dequant(raw, qtype, 512, path=path)
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), (qtype, path)
+        assert torch.equal(kernels.ggml_dequant(raw, qtype, 512, torch.bfloat16, path=path), ref.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_dequant_of_gguf_py_quantized_weights(qtype):
+    """Blocks from gguf-py's own quantizer (real codes, not random bytes)."""
+    w = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32) * 0.05
+    raw = torch.from_numpy(quants.quantize(w, GGMLQuantizationType[qtype]))
+    assert torch.equal(kernels.ggml_dequant(raw, qtype, 256), gguf_py(raw, qtype))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_is_the_dequantized_weights_times_the_quantized_activations(qtype, M):
+    K = 768 if BLOCK_SIZES[qtype][0] == 256 else 544  # K=544: 17 blocks, an odd count
+    if K % BLOCK_SIZES[qtype][0]:
+        K = 512
+    N = 67  # an odd row count: the 2-row loop's tail
+    raw = random_rows(qtype, N, K, seed=3)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(4))
+    x[:, 5] *= 30  # an outlier channel
+    q, d = quantize_x(x)
+    exact = (q.double() * d.double()) @ gguf_py(raw, qtype).double().T  # every product exact in float64
+    scale = (q.double().abs() * d.double()) @ gguf_py(raw, qtype).double().abs().T  # the terms' magnitude
+    best = {"scalar": 0, "avx2": 1, "avx512vnni": 2}[kernels.ggml_gemv_path()]
+    for path in range(best + 1):
+        y = kernels.ggml_gemv(x, raw, qtype, K, path=path)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        err = (y.double() - exact).abs()
+        assert bool((err <= 1e-5 * scale + 1e-7).all()), (qtype, path, float((err / (scale + 1e-9)).max()))
+        # rows are independent: a batch is its rows one by one
+        assert torch.equal(torch.cat([kernels.ggml_gemv(x[i:i + 1], raw, qtype, K, path=path) for i in range(M)]), y)
+    yb = kernels.ggml_gemv(x.to(torch.bfloat16), raw, qtype, K)
+    assert yb.dtype == torch.bfloat16
+
+
+def test_gemv_and_dequant_reject_bad_input():
+    raw = random_rows("Q8_0", 4, 64)
+    with pytest.raises(RuntimeError, match="multiple of the block size"):
+        kernels.ggml_gemv(torch.randn(1, 48), raw[:, :51], "Q8_0", 48)
+    with pytest.raises(RuntimeError, match="raw must be"):
+        kernels.ggml_gemv(torch.randn(1, 64), raw[:, :40], "Q8_0", 64)
+    with pytest.raises(RuntimeError, match="x must be"):
+        kernels.ggml_gemv(torch.randn(1, 32), raw, "Q8_0", 64)
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        kernels.ggml_gemv(torch.randn(1, 64).double(), raw, "Q8_0", 64)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        torch.ops.openautoglm.ggml_dequant(raw, 10, 64, 0)  # Q2_K

@@ -37,8 +37,22 @@ LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(ca
 BENCH_ARGS ?= --configs O0:fp32,O0:bf16 --peers llama.cpp,transformers --prompt-tokens 256 --gen-tokens 128 \
 	--trials 5 --json benchmarks/bench.json --plot benchmarks/bench.png
 
-$(VENV)/.installed-peers: $(VENV)/.installed-test
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install --quiet --no-cache-dir 'llama-cpp-python[server]>=0.3' httpx
+LLAMA_PY  := llama-cpp-python==0.3.36
+PEERS_DIR := $(VENV)/peers
+# llama.cpp's own tools (llama-bench, llama-server), built from the llama.cpp source that the llama-cpp-python
+# sdist vendors, with the same CPU flags; `openautoglm bench --peers llama-bench` finds them in $(PEERS_DIR)/bin
+$(PEERS_DIR)/bin/llama-bench: $(BIN)/python
+	rm -rf $(PEERS_DIR)/src $(PEERS_DIR)/build && mkdir -p $(PEERS_DIR)/src $(PEERS_DIR)/bin
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: -d $(PEERS_DIR)/src '$(LLAMA_PY)'
+	tar -xzf $(PEERS_DIR)/src/llama_cpp_python-*.tar.gz -C $(PEERS_DIR)/src
+	cmake -S $(PEERS_DIR)/src/llama_cpp_python-*/vendor/llama.cpp -B $(PEERS_DIR)/build -DCMAKE_BUILD_TYPE=Release \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF $(LLAMA_CMAKE) > $(PEERS_DIR)/cmake.log
+	cmake --build $(PEERS_DIR)/build --target llama-bench llama-server -j$$(nproc) > $(PEERS_DIR)/build.log
+	cp $(PEERS_DIR)/build/bin/llama-server $(PEERS_DIR)/bin/
+	cp $(PEERS_DIR)/build/bin/llama-bench $@.tmp && mv $@.tmp $@
+
+$(VENV)/.installed-peers: $(VENV)/.installed-test $(PEERS_DIR)/bin/llama-bench
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install --quiet --no-cache-dir '$(LLAMA_PY)' 'llama-cpp-python[server]' httpx
 	touch $@
 
 install-peers: $(VENV)/.installed-peers

@@ -86,7 +86,14 @@ def flatten(workers: list[dict]) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], baseline: str | None = "llama.cpp") -> str:
+def pick_baseline(rows: list[dict]) -> str:
+    """The peer the ratios are taken against: llama.cpp's own ``llama-bench`` where it ran, else llama-cpp-python."""
+    ran = {r["system"] for r in rows if not r.get("skipped")}
+    return "llama-bench" if "llama-bench" in ran else "llama.cpp"
+
+
+def table(rows: list[dict], baseline: str | None = None) -> str:
+    baseline = baseline or pick_baseline(rows)
     base = {}
     for r in rows:
         if not r.get("skipped") and r["system"] == baseline and r["batch"] == 1:
@@ -130,7 +137,7 @@ def plot(path: str | Path, rows: list[dict], title: str) -> None:
 
     ok = [r for r in rows if not r.get("skipped")][::-1]  # first result on top
     labels = [f"{r['system']} {r['config']}  pp{r['prompt_tokens']} B{r['batch']}" for r in ok]
-    colors = {"openautoglm": "tab:blue", "llama.cpp": "tab:orange", "transformers": "tab:green"}
+    colors = {"openautoglm": "tab:blue", "llama.cpp": "tab:orange", "llama-bench": "tab:red", "transformers": "tab:green"}
     c = [colors.get(r["system"], "tab:gray") for r in ok]
     fig, axes = plt.subplots(1, 3, figsize=(16, 1.5 + 0.38 * max(len(ok), 1)), sharey=True)
     panels = (("decode_tok_s", "decode tok/s  (higher is better)"), ("prefill_tok_s", "prefill tok/s  (higher is better)"),
@@ -154,11 +161,12 @@ def plot(path: str | Path, rows: list[dict], title: str) -> None:
     plt.close(fig)
 
 
-def markdown(rows: list[dict], baseline: str = "llama.cpp") -> str:
+def markdown(rows: list[dict], baseline: str | None = None) -> str:
     """The results as a markdown table, with decode/prefill/RSS ratios against ``baseline`` at batch 1."""
+    baseline = baseline or pick_baseline(rows)
     base = {r["prompt_tokens"]: r for r in rows if not r.get("skipped") and r["system"] == baseline and r["batch"] == 1}
     out = ["| system | config | prompt | batch | load s | load-to-first-token s | TTFT s | prefill tok/s | decode tok/s (min–max) | "
-           "peak RSS MB | weights MB | GB/s | CPU-s/token | decode × llama.cpp | prefill × | RSS × |",
+           f"peak RSS MB | weights MB | GB/s | CPU-s/token | decode × {baseline} | prefill × | RSS × |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("skipped"):

@@ -26,7 +26,7 @@ from ..errors import InvalidParameterError
 from ..progress import Progress
 from .report import flatten, machine_info, plot, table, write_json
 
-PEERS = ("llama.cpp", "transformers")
+PEERS = ("llama.cpp", "llama-bench", "transformers")
 
 
 def parse_int_list(s: str, name: str) -> list[int]:
@@ -45,7 +45,7 @@ def plan(configs: str, peers: str, peer_dtypes=("fp32", "bf16")) -> list[tuple[s
     for p in [p.strip() for p in peers.split(",") if p.strip()]:
         if p not in PEERS:
             raise InvalidParameterError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")
-        if p == "llama.cpp":
+        if p in ("llama.cpp", "llama-bench"):
             jobs.append((p, "gguf"))
         else:
             jobs += [(p, d) for d in peer_dtypes]
@@ -84,7 +84,7 @@ def run_bench(model: str, configs: str = "O0:fp32,O0:bf16", peers: str = "llama.
             spec = {"system": system, "config": config, "model": str(path), "threads": threads, "prompts": prompts,
                     "gen_tokens": gen_tokens, "trials": trials, "batch_sizes": bss}
             prep = {}
-            if system == "openautoglm" and config.partition(":")[0].upper() in COMPILED_LEVELS:
+            if system == "openautoglm" and (config == "default" or config.partition(":")[0].upper() in COMPILED_LEVELS):
                 pb.update(0, info=f"{system} {config} filling the compile caches (separate process)")
                 prep = prepare(spec, Path(td) / f"prep{i}.json", Path(td) / f"prep-err{i}.txt", timeout)
             procs.append(_Worker(spec, Path(td) / f"spec{i}.json", Path(td) / f"err{i}.txt", timeout))

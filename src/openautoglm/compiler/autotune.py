@@ -33,6 +33,7 @@ tuned first, on the model's own decode-bucket linears.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -157,7 +158,8 @@ def _linears(model):
     # (a tied one reads the lm_head's table, which is multiplied and tuned as the head)
     tables = {id(m.table) for m in model.modules() if isinstance(m, QuantEmbedding) and not m.tied}
     for name, mod in model.named_modules():
-        if (name and (type(mod) is nn.Linear or hasattr(mod, "qweight")) and not isinstance(mod, TunedLinear)
+        quantized = hasattr(mod, "qweight") or hasattr(mod, "raw")  # our int formats, GGML blocks
+        if (name and (type(mod) is nn.Linear or quantized) and not isinstance(mod, TunedLinear)
                 and id(mod) not in tables):
             yield name, mod
 
@@ -189,7 +191,10 @@ def tune_threads(model, batch: int, cache: dict, key_base: str) -> int:
     least ``FEWER_THREADS_GAIN`` faster (memory-bound decode gains from every core; one noisy timing must not
     halve it)."""
     top = torch.get_num_threads()
-    key = f"threads|{key_base}|cpus:{os.cpu_count() or 1}|max:{top}"
+    # the model's linears are part of the key: one model's best count says nothing of another's (a small int4
+    # model alone tuned to 1 thread; with its 28 MB head streamed as well, 2 are faster)
+    shapes = hashlib.sha256(repr([(_fmt(m), m.out_features, m.in_features) for _, m in _linears(model)]).encode())
+    key = f"threads|{key_base}|cpus:{os.cpu_count() or 1}|max:{top}|linears:{shapes.hexdigest()[:12]}"
     if key in cache:
         return int(cache[key])
     run = _decode_pass(model, batch)

@@ -32,15 +32,15 @@ def gguf_py(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(raw.numpy(), GGMLQuantizationType[qtype]).astype(np.float32))
 
 
-def quantize_x(x: torch.Tensor):
-    """What the GEMV states it does to the activations: per block of 32, d = max|x| / 127 and
-    q = round_half_even(x * (127 / max|x|)), in fp32."""
+def quantize_x(x: torch.Tensor, qb: int):
+    """What the GEMV states it does to the activations: per block of ``qb`` (32; 256 for the K-quants, as
+    llama.cpp's Q8_K), d = max|x| / 127 and q = round_half_even(x * (127 / max|x|)), in fp32."""
     M, K = x.shape
-    xb = x.reshape(M, K // 32, 32)
+    xb = x.reshape(M, K // qb, qb)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
     q = torch.round((xb * inv).clamp(-127, 127))
-    return q.reshape(M, K), (amax / 127).expand(-1, -1, 32).reshape(M, K)
+    return q.reshape(M, K), (amax / 127).expand(-1, -1, qb).reshape(M, K)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -71,7 +71,7 @@ def test_gemv_is_the_dequantized_weights_times_the_quantized_activations(qtype, 
     raw = random_rows(qtype, N, K, seed=3)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(4))
     x[:, 5] *= 30  # an outlier channel
-    q, d = quantize_x(x)
+    q, d = quantize_x(x, 256 if qtype.endswith("_K") else 32)
     exact = (q.double() * d.double()) @ gguf_py(raw, qtype).double().T  # every product exact in float64
     scale = (q.double().abs() * d.double()) @ gguf_py(raw, qtype).double().abs().T  # the terms' magnitude
     best = {"scalar": 0, "avx2": 1, "avx512vnni": 2}[kernels.ggml_gemv_path()]

@@ -123,3 +123,27 @@ def test_native_decode_stays_close_to_the_reference(native, ours):
     ids = native.tokenizer.encode(Path(__file__).read_text())[:160]
     kld, top1 = decode_kld(native.model, ours.model, ids, prefix=32)
     assert float(kld.mean()) < 0.005 and float(kld.max()) < 0.05 and top1 >= 0.9, (float(kld.mean()), top1)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+def test_every_level_matches_o0_on_the_native_model(path, native, level):
+    """O1-O3 on the real model's native blocks against its O0 (the oracle): greedy tokens (but near-ties within
+    the level's stated tolerance) and logits. One 128-token bucket keeps the compile short."""
+    from openautoglm import Engine
+
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "compiler"))
+    from test_levels import TOL, _agree_but_ties
+
+    e = Engine(model=path, progress=False).compile(level, max_len=128)
+    for p in ("def quicksort(xs):", "# Write a function that reverses a string\n"):
+        a = native.generate(p, max_tokens=16, ignore_eos=True)[0].token_ids
+        b = e.generate(p, max_tokens=16, ignore_eos=True)[0].token_ids
+        _agree_but_ties(native, level, p, a, b)
+    ids = torch.tensor([native.tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        l0, l1 = native.model(ids), e.compiled.runner(ids)
+    assert float((l1 - l0).abs().max() / l0.abs().max()) < TOL[level]

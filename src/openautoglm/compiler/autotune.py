@@ -2,7 +2,8 @@
 planned batch; prefill: the planned chunk) it times the implementations this CPU offers (modules in
 ``impls.py``; this file only measures and chooses):
 
-- ``native``: the layer's own kernel (int4/int8 weight-only packs, W8A8 ``_int_mm``, or the float GEMM);
+- ``native``: the layer's own kernel (int4/int8 weight-only packs, W8A8 ``_int_mm``, the float GEMM, or a GGUF
+  layer's block GEMV and dequantizing GEMM): always eligible, since it defines the layer (GGML layers have no other);
 - ``bf16``: a bf16 GEMM on the layer's weights dequantized once (oneDNN, AMX where the CPU has it); it costs
   2 bytes a weight of memory, so it is granted only where it beats every free candidate by ``COPY_MIN_GAIN``,
   within a memory budget, best time saved per byte first;
@@ -267,7 +268,7 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
                     f = make(mod)
                     with torch.inference_mode():
                         err = float((f(x).float() - ref).norm() / ref.norm().clamp_min(1e-30))
-                    if err <= QUALITY_BUDGET:
+                    if err <= QUALITY_BUDGET or impl == "native":  # the layer's own kernel defines the layer
                         fs[impl] = f
                 res.update(_time_all(fs, x))
                 timings[k] = cache[ck] = res

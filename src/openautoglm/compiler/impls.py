@@ -117,6 +117,10 @@ class DecodeAttention(nn.Module):
 def implementations(mod) -> dict:
     """name -> (make(mod) -> module with the layer's call signature, extra bytes it holds)."""
     out = {"native": (lambda m: m, 0)}
+    if type(mod).__name__ == "GGMLLinear":
+        # the file's blocks are the layer: its own GEMV and dequantizing GEMM; a bf16 copy would add 2 bytes a
+        # weight to a model whose point is its size
+        return out
     if not (type(mod) is nn.Linear and mod.weight.dtype == torch.bfloat16):
         out["bf16"] = (BF16Linear, 2 * mod.in_features * mod.out_features)
     if type(mod).__name__ == "IntxLinear" and mod.bits == 4:

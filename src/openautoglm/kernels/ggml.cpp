@@ -186,35 +186,42 @@ inline void codes_scalar(const uint8_t *b, int s, int8_t *c) {
     }
 }
 
-// ---- activations: int8 per block of 32 ----
+// ---- activations: int8 per block of 32 (256 for the K-quants: llama.cpp's Q8_K) ----
+template <int64_t T>
+constexpr int64_t xblock() {
+    return (T == Q4_K || T == Q5_K || T == Q6_K) ? 256 : 32;
+}
+
 struct XQ {
     std::vector<int8_t> q;    // (M, K)
-    std::vector<float> d;     // (M, K / 32)
-    std::vector<int32_t> s;   // (M, K / 16): sums of q per half block
-    std::vector<float> fs;    // (M, K / 32): d * sum of q per block (the offset term of the SIMD paths)
+    std::vector<float> d;     // (M, K / qb): one scale a block of qb activations
+    std::vector<int32_t> s;   // (M, K / 16): sums of q per 16
+    std::vector<float> fs;    // (M, K / 32): d * sum of q per 32 (the offset term of the 32-block SIMD paths)
 };
 
-XQ quantize_x(const float *x, int64_t M, int64_t K) {
+XQ quantize_x(const float *x, int64_t M, int64_t K, int64_t qb) {
     XQ a;
     a.q.resize(M * K);
-    a.d.resize(M * K / 32);
+    a.d.resize(M * K / qb);
     a.s.resize(M * K / 16);
     a.fs.resize(M * K / 32);
-    for (int64_t i = 0; i < M * K / 32; i++) {
-        const float *xb = x + i * 32;
+    for (int64_t i = 0; i < M * K / qb; i++) {
+        const float *xb = x + i * qb;
         float amax = 0.0f;
-        for (int j = 0; j < 32; j++) amax = std::max(amax, std::fabs(xb[j]));
+        for (int64_t j = 0; j < qb; j++) amax = std::max(amax, std::fabs(xb[j]));
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         a.d[i] = amax / 127.0f;
-        int32_t s0 = 0, s1 = 0;
-        for (int j = 0; j < 32; j++) {
-            const int v = (int)std::nearbyint(std::min(127.0f, std::max(-127.0f, xb[j] * id)));
-            a.q[i * 32 + j] = (int8_t)v;
-            (j < 16 ? s0 : s1) += v;
+        for (int64_t h = 0; h < qb / 16; h++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 16; j++) {
+                const int v = (int)std::nearbyint(std::min(127.0f, std::max(-127.0f, xb[h * 16 + j] * id)));
+                a.q[i * qb + h * 16 + j] = (int8_t)v;
+                sum += v;
+            }
+            a.s[i * (qb / 16) + h] = sum;
         }
-        a.s[2 * i] = s0;
-        a.s[2 * i + 1] = s1;
-        a.fs[i] = a.d[i] * (float)(s0 + s1);
+        for (int64_t h = 0; h < qb / 32; h++)
+            a.fs[i * (qb / 32) + h] = a.d[i] * (float)(a.s[i * (qb / 16) + 2 * h] + a.s[i * (qb / 16) + 2 * h + 1]);
     }
     return a;
 }
@@ -236,20 +243,20 @@ void rows_scalar(const Args &g, int64_t n0, int64_t n1) {
         const uint8_t *row = g.raw + n * g.rb;
         for (int64_t mi = 0; mi < g.M; mi++) {
             const int8_t *xq = g.a->q.data() + mi * g.K;
-            const float *xd = g.a->d.data() + mi * (g.K / 32);
+            const float *xd = g.a->d.data() + mi * (g.K / xblock<T>());
             const int32_t *xs = g.a->s.data() + mi * (g.K / 16);
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *blk = row + b * L.bytes;
                 for (int s = 0; s < subs<T>(); s++) {
-                    const int64_t k0 = b * L.block + s * 32, i32 = k0 / 32;
+                    const int64_t k0 = b * L.block + s * 32, i32 = k0 / 32, ix = k0 / xblock<T>();
                     codes_scalar<T>(blk, s, sb.c);
                     params<T>(blk, s, sb.d, sb.m);
                     for (int h = 0; h < 2; h++) {
                         int32_t dot = 0;
                         for (int l = 0; l < 16; l++) dot += (int32_t)sb.c[h * 16 + l] * xq[k0 + h * 16 + l];
-                        acc += (sb.d[h] * xd[i32]) * (float)dot;
-                        if (has_offset<T>()) acc += (sb.m[h] * xd[i32]) * (float)xs[2 * i32 + h];
+                        acc += (sb.d[h] * xd[ix]) * (float)dot;
+                        if (has_offset<T>()) acc += (sb.m[h] * xd[ix]) * (float)xs[2 * i32 + h];
                     }
                 }
             }
@@ -387,6 +394,84 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inlin
     OAG_ROWS_R(dot_vnni)
 }
 
+// K-quants, llama.cpp's way: unsigned codes (Q6_K's without its -32) times the activations in vpmaddubsw pairs,
+// the pairs summed with the sub-block's integer scale in vpmaddwd, so that a whole 256-block accumulates in
+// int32 and takes one fp32 multiply-add (D * d_x); the offsets (Q4_K/Q5_K mins, Q6_K's -32) come from the
+// activations' sums per 32 (per 16 for Q6_K) in one integer dot a block. Exact in int32: a pair is at most
+// 2 * 63 * 127, a block's lane sum at most 8 * 2 * 16002 * 127.
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256i codes_k_unsigned(const uint8_t *b, int s) {
+    if constexpr (T == Q6_K) return _mm256_add_epi8(codes_avx2<T>(b, s), _mm256_set1_epi8(32));
+    else return codes_avx2<T>(b, s);
+}
+
+template <int64_t T, int R>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void rows_k_r(const Args &g, int64_t n) {
+    const int64_t nb = g.K / 256, bytes = layout(T).bytes;
+    const uint8_t *row[R];
+    for (int r = 0; r < R; r++) row[r] = g.raw + (n + r) * g.rb;
+    for (int64_t mi = 0; mi < g.M; mi++) {
+        const int8_t *xq = g.a->q.data() + mi * g.K;
+        const float *xd = g.a->d.data() + mi * nb;
+        const int32_t *xs = g.a->s.data() + mi * (g.K / 16);
+        __m256 acc[R];
+        float macc[R];
+        for (int r = 0; r < R; r++) {
+            acc[r] = _mm256_setzero_ps();
+            macc[r] = 0.0f;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            _mm_prefetch(reinterpret_cast<const char *>(row[0] + b * bytes + PF_AHEAD), _MM_HINT_T0);
+            const float dx = xd[b];
+            const int32_t *bs = xs + b * 16;  // the block's 16 sums of 16 activations
+            for (int r = 0; r < R; r++) {
+                const uint8_t *blk = row[r] + b * bytes;
+                int16_t sc[16];
+                int32_t moff = 0;
+                float D, Dm = 0.0f;
+                if constexpr (T == Q6_K) {
+                    const auto *s8 = reinterpret_cast<const int8_t *>(blk + 192);
+                    for (int i = 0; i < 16; i++) {
+                        sc[i] = s8[i];
+                        moff += s8[i] * bs[i];
+                    }
+                    D = h2f_fast(blk + 208);
+                } else {
+                    for (int j = 0; j < 8; j++) {
+                        int s6, m6;
+                        scale_min_k4(j, blk + 4, s6, m6);
+                        sc[2 * j] = sc[2 * j + 1] = (int16_t)s6;
+                        moff += m6 * (bs[2 * j] + bs[2 * j + 1]);
+                    }
+                    D = h2f_fast(blk);
+                    Dm = h2f_fast(blk + 2);
+                }
+                __m256i ai = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int s = 0; s < 8; s++) {
+                    const __m256i c = codes_k_unsigned<T>(blk, s);
+                    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + b * 256 + s * 32));
+                    const __m256i sv = T == Q6_K ? _mm256_set_m128i(_mm_set1_epi16(sc[2 * s + 1]),
+                                                                    _mm_set1_epi16(sc[2 * s]))
+                                                 : _mm256_set1_epi16(sc[2 * s]);  // one scale a sub-block
+                    ai = _mm256_add_epi32(ai, _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), sv));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(D * dx), acc[r]);
+                // the offsets: Q4_K/Q5_K -Dmin * m_s per sub-block; Q6_K -32 * D * sc per 16
+                macc[r] += T == Q6_K ? (-32.0f * D * dx) * (float)moff : (-(Dm * dx)) * (float)moff;
+            }
+        }
+        for (int r = 0; r < R; r++) g.y[mi * g.N + n + r] = hsum(acc[r]) + macc[r];
+    }
+}
+
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c"))) void rows_k(const Args &g, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) rows_k_r<T, 2>(g, n);
+    for (; n < n1; n++) rows_k_r<T, 1>(g, n);
+}
+
 template <int64_t T>
 __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const Args &g, int64_t n0, int64_t n1) {
     int64_t n = n0;
@@ -423,6 +508,9 @@ using RowsFn = void (*)(const Args &, int64_t, int64_t);
 template <int64_t T>
 RowsFn rows_for(int64_t path) {
 #ifdef OAG_X86
+    if constexpr (xblock<T>() == 256) {
+        if (path >= 1) return &rows_k<T>;  // (vpmaddwd applies the scales: VNNI's dot gains nothing here)
+    }
     if (path == 2) return &rows_vnni<T>;
     if (path == 1) return &rows_avx2<T>;
 #endif
@@ -462,7 +550,7 @@ at::Tensor ggml_gemv(const at::Tensor &x_, const at::Tensor &raw_, int64_t qt, i
     TORCH_CHECK(use >= 0 && use <= best, "ggml_gemv: code path ", path, " is not available here");
     const at::Tensor xf = x_.to(at::kFloat).contiguous(), raw = raw_.contiguous();
     const int64_t M = xf.size(0), N = raw.size(0);
-    const XQ a = quantize_x(xf.data_ptr<float>(), M, K);
+    const XQ a = quantize_x(xf.data_ptr<float>(), M, K, (qt == Q4_K || qt == Q5_K || qt == Q6_K) ? 256 : 32);
     at::Tensor y = at::empty({M, N}, xf.options());
     const Args g{raw.data_ptr<uint8_t>(), raw.size(1), &a, M, N, K, y.data_ptr<float>()};
     const RowsFn fn = rows_fn(qt, use);

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 # "auto" (the default level) starts a background O3 build on a cold machine: not in the test session, where dozens
-# of processes would compete for the cores (tests/compiler/test_auto.py turns it on for itself)
+# of processes would compete for the cores (tests/compiler/test_default_level.py turns it on for itself)
 os.environ["OPENAUTOGLM_BACKGROUND_BUILD"] = "0"
 
 TINY = dict(
@@ -138,3 +138,20 @@ def decode_kld(model, ref, ids: list[int], prefix: int):
         got = torch.stack(got).float()
     lp, lq = torch.log_softmax(want, -1), torch.log_softmax(got, -1)
     return (lp.exp() * (lp - lq)).sum(-1), float((got.argmax(-1) == want.argmax(-1)).float().mean())
+
+
+def fp32_prefill(model, ids: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits on ``ids`` with every GGML layer's prefill GEMM in fp32 (not bf16): the dequantized
+    blocks are gguf-py's values bit for bit, so this is the float reference's computation up to fp32 rounding."""
+    from openautoglm.quant.modules import GGMLLinear
+
+    mods = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    saved = [m.bf16_gemm for m in mods]
+    try:
+        for m in mods:
+            m.bf16_gemm = False
+        with torch.no_grad():
+            return model(ids)
+    finally:
+        for m, b in zip(mods, saved):
+            m.bf16_gemm = b

@@ -95,20 +95,11 @@ def test_native_holds_the_files_blocks(native):
 
 
 def test_native_prefill_logits_match_transformers(native, hf):
-    from openautoglm.quant.modules import GGMLLinear
+    from conftest import fp32_prefill
 
     ids = torch.tensor([native.tokenizer.encode(PROMPT * 3)])
     assert ids.shape[1] > 16  # the dequantizing GEMM's side
-    mods = [m for m in native.model.modules() if isinstance(m, GGMLLinear)]
-    saved = [m.bf16_gemm for m in mods]
-    try:
-        for m in mods:
-            m.bf16_gemm = False
-        with torch.no_grad():
-            a = native.model(ids)[0]
-    finally:
-        for m, b in zip(mods, saved):
-            m.bf16_gemm = b
+    a = fp32_prefill(native.model, ids)[0]
     with torch.no_grad():
         b = hf(ids).logits[0]
     torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
@@ -126,10 +117,11 @@ def test_native_decode_stays_close_to_the_reference(native, ours):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+@pytest.mark.parametrize("level", ["O1", "O3"])
 def test_every_level_matches_o0_on_the_native_model(path, native, level):
-    """O1-O3 on the real model's native blocks against its O0 (the oracle): greedy tokens (but near-ties within
-    the level's stated tolerance) and logits. One 128-token bucket keeps the compile short."""
+    """O1 and O3 (O2 plus the kernel selector) on the real model's native blocks against its O0 (the oracle):
+    greedy tokens (but near-ties within the level's stated tolerance) and logits. One 128-token bucket keeps the
+    compile short (O2 is left out for CI's time: O3 compiles the same step with its choices)."""
     from openautoglm import Engine
 
     import sys

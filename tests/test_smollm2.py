@@ -123,29 +123,26 @@ def test_info_reports_the_gguf(ours):
 def test_native_holds_the_files_blocks_and_no_float_weights(native):
     info = native.info()
     file, held = info["file_weight_bytes"], info["runtime_weight_bytes"]
-    assert held["Q4_1"] == file["Q4_1"] and held["Q8_0"] == file["Q8_0"]  # the blocks, once (the head is tied)
+    assert held["Q8_0"] == file["Q8_0"]  # the embedding's blocks, once (the head is tied to them)
+    # Q4_1 as int4-g32 on the same codes: 16 bytes of codes and a bf16 scale and zero per 32 weights, Q4_1's 20
+    assert held["uint8"] + held["bfloat16"] == file["Q4_1"]
     assert held.get("float32", 0) == file["F32"]  # the norms: nothing else is float
 
 
-def test_native_prefill_logits_match_transformers(native, hf):
-    """A 64-token prefill dequantizes the blocks (bit for bit gguf-py's values) into an fp32 GEMM: transformers'
-    logits to fp32 rounding, as the reference path."""
-    from openautoglm.quant.modules import GGMLLinear
+def test_native_prefill_stays_close_to_transformers(native, hf):
+    """A 64-token prefill: the Q4_1 layers as int4 on the file's codes (block scales rounded to bf16, bf16
+    activations in the kernel), the Q8_0 head's blocks dequantized bit for bit into the GEMM: near transformers'
+    logits (measured: mean KLD 0.0006, top-1 agreement 100%)."""
+    from conftest import fp32_prefill
 
-    ids = native.tokenizer.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * 8))[:64]
-    mods = [m for m in native.model.modules() if isinstance(m, GGMLLinear)]
-    saved = [m.bf16_gemm for m in mods]
-    try:
-        for m in mods:
-            m.bf16_gemm = False
-        with torch.no_grad():
-            got = native.model(torch.tensor([ids]))
-    finally:
-        for m, b in zip(mods, saved):
-            m.bf16_gemm = b
+    ids = torch.tensor([native.tokenizer.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * 8))[:64]])
+    got = fp32_prefill(native.model, ids)[0].float()
     with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits
-    torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+        ref = hf(ids).logits[0].float()
+    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    kld = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    assert kld < 0.005 and top1 >= 0.9, (kld, top1)
 
 
 def test_native_decode_stays_close_to_the_reference(native, ours):

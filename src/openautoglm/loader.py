@@ -73,27 +73,36 @@ def _ggml_layers(model: nn.Module, ckpt: Checkpoint, progress: bool) -> None:
     from .quant.ggml import INT4_TYPES, int4_from_ggml
     from .quant.modules import GGMLLinear
 
-    def ggml(name: str):
+    def ggml(name: str, shape: tuple[int, int]):
         info = ckpt.tensors.get(f"{name}.weight")
         if info is None or info.storage not in kernels.GGML_TYPES or len(info.shape) != 2:
             return None
+        if tuple(info.shape) != shape:
+            raise InvalidModelError(f"{ckpt.path}: tensor {name}.weight has shape {tuple(info.shape)}, the config "
+                                    f"implies {shape}")
         bias = ckpt.load(f"{name}.bias") if f"{name}.bias" in ckpt.tensors else None
+        if bias is not None and tuple(bias.shape) != shape[:1]:
+            raise InvalidModelError(f"{ckpt.path}: tensor {name}.bias has shape {tuple(bias.shape)}, the config "
+                                    f"implies {shape[:1]}")
         raw = ckpt.load_raw(f"{name}.weight")
         if info.storage in INT4_TYPES:  # the same codes in our int4 format: O3's tuned int4 kernels
             return int4_from_ggml(raw, info.storage, info.shape[1], bias)
         return GGMLLinear(raw, info.storage, info.shape[1], bias)
 
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    with Progress(f"reading {Path(ckpt.path).name}'s quantized tensors", total=len(names) + 1, unit=" tensors",
+    linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n != "lm_head"}
+    cfg = model.config
+    table = (cfg.vocab_size, cfg.hidden_size)
+    with Progress(f"reading {Path(ckpt.path).name}'s quantized tensors", total=len(linears) + 1, unit=" tensors",
                   enabled=progress) as pb:
-        for name in names:
-            if (mod := ggml(name)) is not None:
+        for name, shape in linears.items():
+            if (mod := ggml(name, shape)) is not None:
                 install(model, name, mod)
             pb.update()
-        tied = model.config.tie_word_embeddings
-        head = ggml("model.embed_tokens" if tied else "lm_head")
+        tied = cfg.tie_word_embeddings
+        head = ggml("model.embed_tokens" if tied else "lm_head", table)
         if head is not None:
             install(model, "lm_head", head)  # tied: the embedding reads its rows from the head
-        if not tied and (emb := ggml("model.embed_tokens")) is not None:
+        if not tied and (emb := ggml("model.embed_tokens", table)) is not None:
             install(model, "model.embed_tokens", emb)
         pb.update()

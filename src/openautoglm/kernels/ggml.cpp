@@ -7,8 +7,9 @@
 //     q = round_half_even(x * (127 / max|x|))), as llama.cpp quantizes activations for its own dot products, and
 //     each weight block is decoded into 32 signed 8-bit codes c with a scale and an offset per half (16 weights),
 //     w = d * c + m, so that   y = sum_half (d_w * d_x) * sum(c * q)  +  m * d_x * sum(q)   with exact integer dot
-//     products and fp32 accumulation.  Paths: 2 = AVX512-VNNI (vpdpbusd on 256 bits), 1 = AVX2 (vpmaddubsw),
-//     0 = scalar: the same arithmetic, the tests' reference.
+//     products and fp32 accumulation.  Paths: 2 = AVX-512 (BW + VNNI: two 32-weight sub-blocks an instruction,
+//     vpdpbusd for the 32-blocks, vpmaddubsw + vpmaddwd with the K-quants' integer scales), 1 = AVX2 (vpmaddubsw,
+//     32 weights an instruction), 0 = scalar: the same arithmetic, the tests' reference.
 // openautoglm::ggml_dequant(raw (N, row_bytes) uint8, int qtype, int K, int bf16) -> (N, K) fp32 (bit for bit
 //     gguf-py's dequantization: the same fp32 operations in the same order) or bf16 (that, rounded to nearest
 //     even): for prefill's GEMM, one dequantization a call.
@@ -42,7 +43,7 @@ struct Layout {
     int64_t block, bytes;  // weights and bytes a block
 };
 
-Layout layout(int64_t qt) {
+constexpr Layout layout(int64_t qt) {
     switch (qt) {
         case Q4_0: return {32, 18};
         case Q4_1: return {32, 20};
@@ -77,6 +78,19 @@ inline void scale_min_k4(int j, const uint8_t *q, int &sc, int &mn) {
         sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
         mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
     }
+}
+
+// all 8 scales (bytes 0-7) and mins (bytes 8-15) of a Q4_K / Q5_K block from its 12 packed bytes, in 32-bit words
+// (llama.cpp's unpacking; the same values as scale_min_k4)
+inline void k4_scales_mins(const uint8_t *q, uint8_t out[16]) {
+    constexpr uint32_t m6 = 0x3f3f3f3f, lo4 = 0x0f0f0f0f, top2 = 0x03030303;
+    uint32_t u[3], o[4];
+    std::memcpy(u, q, 12);
+    o[0] = u[0] & m6;                                         // scales 0-3
+    o[1] = (u[2] & lo4) | (((u[0] >> 6) & top2) << 4);        // scales 4-7
+    o[2] = u[1] & m6;                                         // mins 0-3
+    o[3] = ((u[2] >> 4) & lo4) | (((u[1] >> 6) & top2) << 4); // mins 4-7
+    std::memcpy(out, o, 16);
 }
 
 // one sub-block of 32 weights: w[i] = d[i / 16] * c[i] + m[i / 16]
@@ -197,7 +211,41 @@ struct XQ {
     std::vector<float> d;     // (M, K / qb): one scale a block of qb activations
     std::vector<int32_t> s;   // (M, K / 16): sums of q per 16
     std::vector<float> fs;    // (M, K / 32): d * sum of q per 32 (the offset term of the 32-block SIMD paths)
+    std::vector<int16_t> s16, s32;  // (M, K / 16), (M, K / 32): sums of q per 16 and per 32, as int16 (|sum| <= 4064)
 };
+
+bool has(const char *f);
+
+#ifdef OAG_X86
+// 32 activations times id, rounded to nearest even (cvtps2dq under the default MXCSR: what nearbyint does) into
+// int8, and their two sums per 16: the scalar loop's values exactly
+__attribute__((target("avx2,fma,f16c"))) void quantize32_avx2(const float *x, float id, int8_t *q, int32_t *sums) {
+    const __m256 vid = _mm256_set1_ps(id), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i v[4];
+    for (int i = 0; i < 4; i++)
+        v[i] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), vid))));
+    for (int h = 0; h < 2; h++) {
+        const __m256i t = _mm256_add_epi32(v[2 * h], v[2 * h + 1]);
+        __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+        u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1));
+        sums[h] = _mm_cvtsi128_si32(u);
+    }
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(q),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) float absmax_avx2(const float *x, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    __m128 r = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_max_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+#endif
 
 XQ quantize_x(const float *x, int64_t M, int64_t K, int64_t qb) {
     XQ a;
@@ -205,13 +253,30 @@ XQ quantize_x(const float *x, int64_t M, int64_t K, int64_t qb) {
     a.d.resize(M * K / qb);
     a.s.resize(M * K / 16);
     a.fs.resize(M * K / 32);
+    a.s16.resize(M * K / 16);
+    a.s32.resize(M * K / 32);
+#ifdef OAG_X86
+    static const bool simd = has("avx2");
+#else
+    constexpr bool simd = false;
+#endif
     for (int64_t i = 0; i < M * K / qb; i++) {
         const float *xb = x + i * qb;
         float amax = 0.0f;
-        for (int64_t j = 0; j < qb; j++) amax = std::max(amax, std::fabs(xb[j]));
+#ifdef OAG_X86
+        if (simd) amax = absmax_avx2(xb, qb);
+        else
+#endif
+            for (int64_t j = 0; j < qb; j++) amax = std::max(amax, std::fabs(xb[j]));
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         a.d[i] = amax / 127.0f;
         for (int64_t h = 0; h < qb / 16; h++) {
+#ifdef OAG_X86
+            if (simd) {
+                if (h % 2 == 0) quantize32_avx2(xb + h * 16, id, a.q.data() + i * qb + h * 16, a.s.data() + i * (qb / 16) + h);
+                continue;
+            }
+#endif
             int32_t sum = 0;
             for (int j = 0; j < 16; j++) {
                 const int v = (int)std::nearbyint(std::min(127.0f, std::max(-127.0f, xb[h * 16 + j] * id)));
@@ -220,8 +285,12 @@ XQ quantize_x(const float *x, int64_t M, int64_t K, int64_t qb) {
             }
             a.s[i * (qb / 16) + h] = sum;
         }
-        for (int64_t h = 0; h < qb / 32; h++)
-            a.fs[i * (qb / 32) + h] = a.d[i] * (float)(a.s[i * (qb / 16) + 2 * h] + a.s[i * (qb / 16) + 2 * h + 1]);
+        for (int64_t h = 0; h < qb / 16; h++) a.s16[i * (qb / 16) + h] = (int16_t)a.s[i * (qb / 16) + h];
+        for (int64_t h = 0; h < qb / 32; h++) {
+            const int32_t s32 = a.s[i * (qb / 16) + 2 * h] + a.s[i * (qb / 16) + 2 * h + 1];
+            a.fs[i * (qb / 32) + h] = a.d[i] * (float)s32;
+            a.s32[i * (qb / 32) + h] = (int16_t)s32;
+        }
     }
     return a;
 }
@@ -413,36 +482,31 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void rows_k_r(con
     for (int64_t mi = 0; mi < g.M; mi++) {
         const int8_t *xq = g.a->q.data() + mi * g.K;
         const float *xd = g.a->d.data() + mi * nb;
-        const int32_t *xs = g.a->s.data() + mi * (g.K / 16);
+        const int16_t *x16 = g.a->s16.data() + mi * (g.K / 16), *x32 = g.a->s32.data() + mi * (g.K / 32);
         __m256 acc[R];
-        float macc[R];
+        __m128 macc[R];
         for (int r = 0; r < R; r++) {
             acc[r] = _mm256_setzero_ps();
-            macc[r] = 0.0f;
+            macc[r] = _mm_setzero_ps();
         }
         for (int64_t b = 0; b < nb; b++) {
             _mm_prefetch(reinterpret_cast<const char *>(row[0] + b * bytes + PF_AHEAD), _MM_HINT_T0);
             const float dx = xd[b];
-            const int32_t *bs = xs + b * 16;  // the block's 16 sums of 16 activations
             for (int r = 0; r < R; r++) {
                 const uint8_t *blk = row[r] + b * bytes;
-                int16_t sc[16];
-                int32_t moff = 0;
+                alignas(16) uint8_t sm[16];
                 float D, Dm = 0.0f;
+                __m128i off;  // the block's offset term in 4 int32 lanes
                 if constexpr (T == Q6_K) {
-                    const auto *s8 = reinterpret_cast<const int8_t *>(blk + 192);
-                    for (int i = 0; i < 16; i++) {
-                        sc[i] = s8[i];
-                        moff += s8[i] * bs[i];
-                    }
+                    const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 192)));
+                    const __m256i p = _mm256_madd_epi16(s16, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x16 + b * 16)));
+                    off = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+                    std::memcpy(sm, blk + 192, 16);
                     D = h2f_fast(blk + 208);
                 } else {
-                    for (int j = 0; j < 8; j++) {
-                        int s6, m6;
-                        scale_min_k4(j, blk + 4, s6, m6);
-                        sc[2 * j] = sc[2 * j + 1] = (int16_t)s6;
-                        moff += m6 * (bs[2 * j] + bs[2 * j + 1]);
-                    }
+                    k4_scales_mins(blk + 4, sm);
+                    const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(sm + 8)));
+                    off = _mm_madd_epi16(mins, _mm_loadu_si128(reinterpret_cast<const __m128i *>(x32 + b * 8)));
                     D = h2f_fast(blk);
                     Dm = h2f_fast(blk + 2);
                 }
@@ -451,17 +515,22 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void rows_k_r(con
                 for (int s = 0; s < 8; s++) {
                     const __m256i c = codes_k_unsigned<T>(blk, s);
                     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + b * 256 + s * 32));
-                    const __m256i sv = T == Q6_K ? _mm256_set_m128i(_mm_set1_epi16(sc[2 * s + 1]),
-                                                                    _mm_set1_epi16(sc[2 * s]))
-                                                 : _mm256_set1_epi16(sc[2 * s]);  // one scale a sub-block
+                    const __m256i sv = T == Q6_K ? _mm256_set_m128i(_mm_set1_epi16((int8_t)sm[2 * s + 1]),
+                                                                    _mm_set1_epi16((int8_t)sm[2 * s]))
+                                                 : _mm256_set1_epi16(sm[s]);  // one scale a sub-block
                     ai = _mm256_add_epi32(ai, _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), sv));
                 }
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(D * dx), acc[r]);
                 // the offsets: Q4_K/Q5_K -Dmin * m_s per sub-block; Q6_K -32 * D * sc per 16
-                macc[r] += T == Q6_K ? (-32.0f * D * dx) * (float)moff : (-(Dm * dx)) * (float)moff;
+                macc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(off), _mm_set1_ps(T == Q6_K ? -32.0f * D * dx : -(Dm * dx)),
+                                       macc[r]);
             }
         }
-        for (int r = 0; r < R; r++) g.y[mi * g.N + n + r] = hsum(acc[r]) + macc[r];
+        for (int r = 0; r < R; r++) {
+            __m128 m = _mm_add_ps(macc[r], _mm_movehl_ps(macc[r], macc[r]));
+            m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            g.y[mi * g.N + n + r] = hsum(acc[r]) + _mm_cvtss_f32(m);
+        }
     }
 }
 
@@ -470,6 +539,199 @@ __attribute__((target("avx2,fma,f16c"))) void rows_k(const Args &g, int64_t n0, 
     int64_t n = n0;
     for (; n + 2 <= n1; n += 2) rows_k_r<T, 2>(g, n);
     for (; n < n1; n++) rows_k_r<T, 1>(g, n);
+}
+
+// AVX-512BW: the K-quant dot two sub-blocks (64 weights) an instruction, the block's scales spread over the lanes
+// by one vpermw a pair.  Same integer arithmetic as rows_k_r; Q6_K's offset (-32 * sum sc * bsum) folds into the
+// block's int32 sum (at most 16 * 63 * 127 * 4064 * 32 / 16 < 2^31 in a lane).
+#define OAG_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"), always_inline)) inline
+
+// the codes of sub-blocks 2j (low 256 bits) and 2j + 1 (high), unsigned (Q6_K's without its -32)
+template <int64_t T>
+OAG_AVX512 __m512i codes_k_pair(const uint8_t *b, int j) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    if constexpr (T == Q4_K || T == Q5_K) {
+        const __m512i q = _mm512_broadcast_i64x4(ld32(b + (T == Q4_K ? 16 : 48) + 32 * j));
+        __m512i c = _mm512_and_si512(_mm512_mask_blend_epi64(0xF0, q, _mm512_srli_epi16(q, 4)), m4);
+        if constexpr (T == Q5_K) {  // bit 2j (low half) or 2j + 1 (high) of each qh byte, moved to bit 4
+            const __m512i h = _mm512_broadcast_i64x4(ld32(b + 16));
+            const __m512i hs = _mm512_mask_blend_epi64(0xF0, _mm512_srli_epi16(h, 2 * j), _mm512_srli_epi16(h, 2 * j + 1));
+            c = _mm512_or_si512(c, _mm512_slli_epi16(_mm512_and_si512(hs, _mm512_set1_epi8(1)), 4));
+        }
+        return c;
+    } else {  // Q6_K, sub-block s = 2j + t: h = j / 2, u = s % 4 = 2 (j & 1) + t
+        const int h = j >> 1, u0 = 2 * (j & 1);
+        __m512i ql = _mm512_loadu_si512(b + h * 64);  // the 32 low-nibble bytes of t = 0, then of t = 1
+        if (j & 1) ql = _mm512_srli_epi16(ql, 4);
+        const __m512i qh0 = _mm512_broadcast_i64x4(ld32(b + 128 + h * 32));
+        const __m512i qh = _mm512_mask_blend_epi64(0xF0, _mm512_srli_epi16(qh0, 2 * u0), _mm512_srli_epi16(qh0, 2 * u0 + 2));
+        return _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_slli_epi16(_mm512_and_si512(qh, _mm512_set1_epi8(3)), 4));
+    }
+}
+
+// vpermw indices: lane l of pair j takes scale 2j + l / 16 (Q4_K/Q5_K: one a sub-block) or 4j + l / 8 (Q6_K: one a 16)
+struct KIdx {
+    alignas(64) int16_t k4[4][32], k6[4][32];
+    constexpr KIdx() : k4{}, k6{} {
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 32; l++) {
+                k4[j][l] = (int16_t)(2 * j + l / 16);
+                k6[j][l] = (int16_t)(4 * j + l / 8);
+            }
+    }
+};
+constexpr KIdx KIDX{};
+
+template <int64_t T, int R>
+OAG_AVX512 void rows_k512_r(const Args &g, int64_t n) {
+    const int64_t nb = g.K / 256, bytes = layout(T).bytes;
+    const uint8_t *row[R];
+    for (int r = 0; r < R; r++) row[r] = g.raw + (n + r) * g.rb;
+    __m512i idx[4];
+    for (int j = 0; j < 4; j++)
+        idx[j] = _mm512_load_si512(T == Q6_K ? KIDX.k6[j] : KIDX.k4[j]);
+    for (int64_t mi = 0; mi < g.M; mi++) {
+        const int8_t *xq = g.a->q.data() + mi * g.K;
+        const float *xd = g.a->d.data() + mi * nb;
+        const int16_t *x16 = g.a->s16.data() + mi * (g.K / 16), *x32 = g.a->s32.data() + mi * (g.K / 32);
+        __m512 acc[R];
+        __m128 macc[R];
+        for (int r = 0; r < R; r++) {
+            acc[r] = _mm512_setzero_ps();
+            macc[r] = _mm_setzero_ps();
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            _mm_prefetch(reinterpret_cast<const char *>(row[0] + b * bytes + PF_AHEAD), _MM_HINT_T0);
+            if (R > 1) _mm_prefetch(reinterpret_cast<const char *>(row[0] + b * bytes + PF_AHEAD + 64), _MM_HINT_T0);
+            const float dx = xd[b];
+            __m512i qx[4];
+            for (int j = 0; j < 4; j++) qx[j] = _mm512_loadu_si512(xq + b * 256 + 64 * j);
+            for (int r = 0; r < R; r++) {
+                const uint8_t *blk = row[r] + b * bytes;
+                __m512i sc;
+                __m512i ai = _mm512_setzero_si512();
+                float D;
+                if constexpr (T == Q6_K) {
+                    const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 192)));
+                    sc = _mm512_castsi256_si512(s16);
+                    const __m256i off = _mm256_madd_epi16(s16, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x16 + b * 16)));
+                    ai = _mm512_zextsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(off, 5)));
+                    D = h2f_fast(blk + 208);
+                } else {
+                    alignas(16) uint8_t sm[16];
+                    k4_scales_mins(blk + 4, sm);
+                    const __m256i s16 = _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i *>(sm)));
+                    sc = _mm512_castsi256_si512(s16);
+                    const __m128i off = _mm_madd_epi16(_mm256_extracti128_si256(s16, 1),
+                                                       _mm_loadu_si128(reinterpret_cast<const __m128i *>(x32 + b * 8)));
+                    D = h2f_fast(blk);
+                    macc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(off), _mm_set1_ps(-(h2f_fast(blk + 2) * dx)), macc[r]);
+                }
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    const __m512i p = _mm512_maddubs_epi16(codes_k_pair<T>(blk, j), qx[j]);
+                    ai = _mm512_add_epi32(ai, _mm512_madd_epi16(p, _mm512_permutexvar_epi16(idx[j], sc)));
+                }
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), _mm512_set1_ps(D * dx), acc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            __m128 m = _mm_add_ps(macc[r], _mm_movehl_ps(macc[r], macc[r]));
+            m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            g.y[mi * g.N + n + r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(m);
+        }
+    }
+}
+
+// AVX-512 VNNI, 32-blocks two at a time: one vpdpbusd on 64 weights.  Q4_0/Q4_1/Q5_0/Q5_1 codes go in unsigned
+// (their stored values, 0-15 / 0-31), the zero point folded into the block's offset (-8 d, -16 d, or m), which
+// multiplies d_x * sum(q) as Q4_1's m always did; Q8_0's signed codes take the sign trick on each half.
+// the unsigned codes (stored values: 0-15, 0-31) of two 32-blocks in one zmm: the 16 quant bytes of each broadcast to both halves of a 256-bit
+// lane, the high halves shifted down a nibble; Q5's fifth bits straight from the 32-bit qh as a byte mask
+template <int64_t T>
+OAG_AVX512 __m512i codes_u2(const uint8_t *b0, const uint8_t *b1) {
+    constexpr int qs = T == Q4_0 ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : 8;
+    const __m256i a0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(b0 + qs)));
+    const __m256i a1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(b1 + qs)));
+    const __m512i t = _mm512_inserti64x4(_mm512_castsi256_si512(a0), a1, 1);
+    __m512i c = _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, t, _mm512_srli_epi16(t, 4)), _mm512_set1_epi8(15));
+    if constexpr (T == Q5_0 || T == Q5_1) {
+        constexpr int qh = T == Q5_0 ? 2 : 4;
+        const __mmask64 hb = (__mmask64)u32(b0 + qh) | ((__mmask64)u32(b1 + qh) << 32);
+        c = _mm512_mask_add_epi8(c, hb, c, _mm512_set1_epi8(16));
+    }
+    return c;
+}
+
+template <int64_t T>
+OAG_AVX2 float offset_u(const uint8_t *b, float d) {  // the block's w = d * u + offset
+    if constexpr (T == Q4_0) return -8.0f * d;
+    else if constexpr (T == Q5_0) return -16.0f * d;
+    else if constexpr (T == Q4_1 || T == Q5_1) return h2f_fast(b + 2);
+    else return 0.0f;
+}
+
+template <int64_t T, int R>
+OAG_AVX512 void rows_b512_r(const Args &g, int64_t n) {
+    constexpr int64_t bytes = layout(T).bytes;
+    const int64_t nb = g.K / 32;
+    const uint8_t *row[R];
+    for (int r = 0; r < R; r++) row[r] = g.raw + (n + r) * g.rb;
+    for (int64_t mi = 0; mi < g.M; mi++) {
+        const int8_t *xq = g.a->q.data() + mi * g.K;
+        const float *xd = g.a->d.data() + mi * nb;
+        const float *xs = g.a->fs.data() + mi * nb;
+        __m512 acc[R];
+        float macc[R];
+        for (int r = 0; r < R; r++) {
+            acc[r] = _mm512_setzero_ps();
+            macc[r] = 0.0f;
+        }
+        for (int64_t b = 0; b < nb; b += 2) {
+            const bool two = b + 1 < nb;  // an odd tail block pairs with zero activations
+            _mm_prefetch(reinterpret_cast<const char *>(row[0] + b * bytes + PF_AHEAD), _MM_HINT_T0);
+            const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + b * 32));
+            const __m256i q1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + b * 32 + 32))
+                                   : _mm256_setzero_si256();
+            const float dx0 = xd[b], dx1 = two ? xd[b + 1] : 0.0f;
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+            for (int r = 0; r < R; r++) {
+                const uint8_t *b0 = row[r] + b * bytes, *b1 = two ? b0 + bytes : b0;
+                const float d0 = h2f_fast(b0), d1 = h2f_fast(b1);
+                __m512i p;
+                if constexpr (T == Q8_0) {
+                    const __m256i c0 = ld32(b0 + 2), c1 = ld32(b1 + 2);
+                    const __m512i ac = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(c0, c0)),
+                                                          _mm256_sign_epi8(c1, c1), 1);
+                    const __m512i sq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(q0, c0)),
+                                                          _mm256_sign_epi8(q1, c1), 1);
+                    p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ac, sq);
+                } else {
+                    p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes_u2<T>(b0, b1), q);
+                    macc[r] += offset_u<T>(b0, d0) * xs[b] + (two ? offset_u<T>(b1, d1) * xs[b + 1] : 0.0f);
+                }
+                const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * dx0), _mm512_set1_ps(d1 * dx1));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dd, acc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) g.y[mi * g.N + n + r] = _mm512_reduce_add_ps(acc[r]) + macc[r];
+    }
+}
+
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) void rows_b512(const Args &g, int64_t n0,
+                                                                                             int64_t n1) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) rows_b512_r<T, 2>(g, n);
+    for (; n < n1; n++) rows_b512_r<T, 1>(g, n);
+}
+
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) void rows_k512(const Args &g, int64_t n0,
+                                                                                             int64_t n1) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) rows_k512_r<T, 2>(g, n);
+    for (; n < n1; n++) rows_k512_r<T, 1>(g, n);
 }
 
 template <int64_t T>
@@ -493,7 +755,7 @@ bool has(const char *f) {
     __builtin_cpu_init();
     if (!std::strcmp(f, "avx512vnni"))
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") &&
                __builtin_cpu_supports("fma");
     if (!std::strcmp(f, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
@@ -509,9 +771,10 @@ template <int64_t T>
 RowsFn rows_for(int64_t path) {
 #ifdef OAG_X86
     if constexpr (xblock<T>() == 256) {
+        if (path == 2) return &rows_k512<T>;
         if (path >= 1) return &rows_k<T>;  // (vpmaddwd applies the scales: VNNI's dot gains nothing here)
     }
-    if (path == 2) return &rows_vnni<T>;
+    if (path == 2) return &rows_b512<T>;
     if (path == 1) return &rows_avx2<T>;
 #endif
     (void)path;

@@ -455,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(q)
     q.add_argument("--scheme", required=True, choices=["int8", "int4", "int3", "int2", "w8a8", "auto"])
     q.add_argument("--group-size", type=int, default=32, help="int4/int3/int2 group size: 32, 64, 128 or 256")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
+    q.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq"],
+                   help="gptq (default: Hessian error compensation on calibration text; minutes), awq, or rtn "
+                        "(round to nearest: seconds, lower quality)")
     q.add_argument("--target-bits", type=float, default=None,
                    help="--scheme auto: average bits per weight, scales and zeros included")
     q.add_argument("--calib", default=None, help="calibration text file (default: Python's pydoc topics, first half)")

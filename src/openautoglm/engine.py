@@ -180,18 +180,19 @@ class Engine:
                           cache=c.cache, len_bucket=c.len_bucket)
 
     # ---- compression ---------------------------------------------------------------------------------
-    def quantize(self, scheme: str = "int4", group_size: int = 32, method: str = "rtn",
+    def quantize(self, scheme: str = "int4", group_size: int = 32, method: str = "gptq",
                  target_bits: float | None = None, embeddings: str = "int8", calib_text: str | None = None,
                  calib_tokens: int = 8192, act_order: bool = True) -> dict:
         """Quantize the loaded model in place and return the per-layer plan ``{layer: config}``.
 
         ``scheme``: "int8" (weight-only, per channel), "int4" / "int3" / "int2" (weight-only, per group of
         ``group_size``), "w8a8" (int8 weights and dynamic per-token int8 activations) or "auto" (per-layer
-        mixed precision at ``target_bits`` average bits per weight, scales included). ``method``: "rtn",
-        "gptq" (Hessian error compensation; ``act_order``) or "awq" (activation-aware scaling), calibrated on
-        ``calib_text`` (default: the calibration split of the shipped corpus). ``embeddings``: the embedding
-        table and ``lm_head`` (one tensor when tied) at "int8" (default, as llama.cpp keeps them at 8 bits),
-        the "same" scheme, or left in "float"; auto plans choose them like any layer unless "float".
+        mixed precision at ``target_bits`` average bits per weight, scales included). ``method``: "gptq" (the
+        default: Hessian error compensation, ``act_order``; minutes on 2 cores) or "awq" (activation-aware
+        scaling), calibrated on ``calib_text`` (default: the calibration split of the shipped corpus), or "rtn"
+        (round to nearest: seconds, lower quality). ``embeddings``: the embedding table and ``lm_head`` (one
+        tensor when tied) at "int8" (default, as llama.cpp keeps them at 8 bits), the "same" scheme, or left in
+        "float"; auto plans choose them like any layer unless "float".
         Details land in ``self.quant_result``.
         """
         from .quant.pipeline import quantize_model

@@ -76,7 +76,8 @@ def test_every_kernel_choice_matches_o0(tiny_engine_dir, oag_cache, monkeypatch,
 def _engine(d, scheme, level=None):
     e = Engine(model=d, progress=False)
     if scheme != "fp32":
-        e.quantize(scheme.split("-g")[0], group_size=int(scheme.split("-g")[1]) if "-g" in scheme else 32)
+        e.quantize(scheme.split("-g")[0], group_size=int(scheme.split("-g")[1]) if "-g" in scheme else 32,
+                   method="rtn")
     if level:
         e.compile(level, max_batch=2, max_len=256)
     return e

@@ -70,7 +70,7 @@ def test_quantized_bytes_follow_the_bits(tiny_engine_dir, tmp_path):
     for scheme in ("int8", "int4", "int3", "int2"):
         eng = Engine(model=tiny_engine_dir, progress=False)
         weights = {n: m.weight.numel() for n, m in eng.model.named_modules() if isinstance(m, torch.nn.Linear)}
-        plan = eng.quantize(scheme, group_size=128, embeddings="float")
+        plan = eng.quantize(scheme, group_size=128, embeddings="float", method="rtn")
         out = eng.save(tmp_path / scheme)
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             sizes[scheme] = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size()
@@ -86,7 +86,7 @@ def test_save_is_atomic_and_refuses_to_overwrite(tiny_engine_dir, tmp_path):
     eng = Engine(model=tiny_engine_dir, progress=False)
     with pytest.raises(InvalidParameterError):
         eng.save(tmp_path / "x")  # not quantized
-    eng.quantize("int8")
+    eng.quantize("int8", method="rtn")
     (tmp_path / "taken").mkdir()
     with pytest.raises(InvalidParameterError):
         eng.save(tmp_path / "taken")
@@ -122,7 +122,7 @@ def test_eval_of_an_artifact_defaults_to_its_source_as_reference(tiny_engine_dir
     from openautoglm.bench.quality import run_eval
 
     eng = Engine(model=tiny_engine_dir, progress=False)
-    eng.quantize("int3", group_size=32)
+    eng.quantize("int3", group_size=32, method="rtn")
     out = eng.save(tmp_path / "q3")
     implicit = run_eval(str(out), n_tokens=256, ctx=128, progress=False)
     explicit = run_eval(str(out), reference=str(tiny_engine_dir), n_tokens=256, ctx=128, progress=False)

@@ -80,7 +80,7 @@ def test_auto_plan_respects_its_budget_and_reloads(tiny_engine_dir, tmp_path, ta
     if target == 3.0:
         files[0].write_text("{not json")
     e2 = Engine(model=tiny_engine_dir, progress=False)
-    assert {k: c.name for k, c in e2.quantize("auto", target_bits=target, calib_tokens=512).items()} == \
+    assert {k: c.name for k, c in e2.quantize("auto", method="rtn", target_bits=target, calib_tokens=512).items()} == \
         {k: c.name for k, c in plan.items()}
     json.loads(files[0].read_text())
 
@@ -91,7 +91,7 @@ def test_more_bits_never_predict_more_loss(tiny_engine_dir, oag_cache):
     preds = []
     for t in (2.75, 3.5, 5.0):
         eng = Engine(model=tiny_engine_dir, progress=False)
-        eng.quantize("auto", target_bits=t, calib_tokens=512)
+        eng.quantize("auto", method="rtn", target_bits=t, calib_tokens=512)
         preds.append(eng.quant_result.report["predicted_kld"])
     assert preds[0] >= preds[1] >= preds[2]
 

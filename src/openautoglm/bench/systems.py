@@ -73,7 +73,7 @@ class Ours:
         # "native": a GGUF's quantized tensors computed on as stored (the default); fp32/bf16: dequantized
         self.engine = Engine(model=model, progress=False, gguf_weights="native" if scheme == "native" else "float")
         if quant:  # round-to-nearest, as `openautoglm quantize --method rtn` does (int8 embedding table)
-            self.engine.quantize(quant[0], group_size=quant[1])
+            self.engine.quantize(quant[0], group_size=quant[1], method="rtn")
         if scheme == "bf16":
             self.engine.model.to(torch.bfloat16)
         # the context every system gets (llama.cpp's n_ctx), rounded up to the compiler's length bucket: the KV

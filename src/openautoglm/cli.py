@@ -273,11 +273,16 @@ def cmd_serve(a) -> int:
         if v is not None and v < (0 if name == "max_streams_per_key" else 1):
             raise OpenAutoGLMError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_streams_per_key' else 1}")
     keys = _api_keys(a)
-    eng = _engine(a)
+    eng = _engine(a, compile=False)
+    opt = a.opt
     if a.dtype == "bf16":
         import torch
 
-        eng.model.to(torch.bfloat16)
+        eng.model.to(torch.bfloat16)  # before compiling: the compiled step is specialized to the dtype
+        if opt == "auto":  # the background build compiles the checkpoint's dtype: compile this one here, at O1
+            opt = "O1"
+    # the plan the scheduler runs in: max_batch rows of max_len (the compiled decode step runs any 1..max_batch)
+    eng.compile(optimize_level=opt, max_batch=a.max_batch, max_len=a.max_len)
     st = ServeSettings(max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, api_keys=keys,
                        kv_budget_mb=a.kv_budget_mb, request_timeout=a.timeout, prefill_chunk=a.prefill_chunk,
                        max_body_bytes=int(a.max_body_mb * 2**20), max_prompt_tokens=a.max_prompt_tokens,
@@ -294,7 +299,7 @@ def cmd_serve(a) -> int:
                                            timeout_graceful_shutdown=st.drain_timeout))
     app.state.on_fatal = lambda: setattr(server, "should_exit", True)
     sys.stderr.write(f"[openautoglm] serving {app.state.model_id} on http://{a.host}:{a.port}/v1 "
-                     f"(max batch {a.max_batch}, queue {a.max_queue}, KV cache "
+                     f"at {eng.compiled.level} (max batch {a.max_batch}, queue {a.max_queue}, KV cache "
                      f"{app.state.scheduler.cache.nbytes / 2**20:.0f} MiB)\n")
     server.run()
     if app.state.fatal:  # exit non-zero so a supervisor restarts the process
@@ -425,7 +430,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _add_model(v)
-    v.set_defaults(opt="O0")  # the server runs the eager model (until it runs on the compiled path)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache rows)")

@@ -63,8 +63,23 @@ class CompiledLM(nn.Module):
             return step(input_ids.contiguous(), positions.contiguous(), cache)
         return self.model(input_ids, positions, cache, logits_at)
 
+    def _path(self, static_len: int) -> Path:
+        return self.cache_dir / f"decode-{aot.package_key(self.model, self._shape, static_len)}.pt2"
+
+    def has_step(self, static_len: int) -> bool:
+        """Whether the step for ``static_len`` runs without compiling first (loaded, or built on this machine)."""
+        if static_len in self._steps:
+            return True
+        path = self._path(static_len)
+        return path.is_file() and aot.constants_file(path).is_file()
+
+    @property
+    def cache(self):
+        """The planned cache the packages are specialized to."""
+        return self._cache
+
     def _load(self, static_len: int) -> aot.CompiledStep:
-        path = self.cache_dir / f"decode-{aot.package_key(self.model, self._shape, static_len)}.pt2"
+        path = self._path(static_len)
         if not path.is_file() or not aot.constants_file(path).is_file():
             aot.compile_package(self.model, self._cache, static_len, path)
             self.packages_built += 1

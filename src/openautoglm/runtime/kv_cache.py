@@ -75,6 +75,20 @@ class KVCache:
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim,
                    dtype=dtype or activation_dtype(model), device=p.device)
 
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy cache row ``src``'s first ``length`` slots to row ``dst`` (a scheduler compacting its rows)."""
+        if src != dst and length > 0:
+            for t in self.k + self.v:
+                t[dst, :, :length] = t[src, :, :length]
+
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        """Exchange the first ``length`` slots of cache rows ``a`` and ``b``."""
+        if a != b and length > 0:
+            for t in self.k + self.v:
+                tmp = t[a, :, :length].clone()
+                t[a, :, :length] = t[b, :, :length]
+                t[b, :, :length] = tmp
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

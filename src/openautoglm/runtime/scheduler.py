@@ -8,6 +8,14 @@ for every running request. New requests join at the next step and finished ones 
 prompt is cut into chunks interleaved with everybody else's decode. A request's events go to its ``sink``
 (a thread-safe callable); ``step`` runs on one thread (the engine's), the server lives on another.
 
+On a compiled engine (O2/O3) the scheduler runs in the runner's planned cache and its decode steps run the
+compiled step (``compiler/compiled.py``), which takes cache rows 0..B-1 at any positions and attends over a
+static length bucket: before each decode step the decoding requests are compacted onto rows 0..D-1 (a request
+moves to a free row, or trades rows with one still prefilling; only when requests join or leave), and the step
+attends over their longest context rounded up to the bucket. A bucket whose step was never built on this
+machine (beyond the warmed-up lengths), or a plan smaller than the server's, decodes eager; prefill always runs
+the eager model (its GEMMs are large) on the same cache.
+
 Faults: an exception in a step's batched forward or sampling re-runs that step's rows one by one (rewriting
 the same cache positions is harmless), so a fault that belongs to one request fails that request alone
 (``finish_reason="error"``) and a transient fault fails nobody (a sampled row of a re-run step draws again from
@@ -101,15 +109,21 @@ class Scheduler:
     def __init__(self, model, tokenizer, eos_ids: set[int], max_batch: int = 16, max_queue: int = 64,
                  max_len: int | None = None, prefill_chunk: int = 512, kv_budget_tokens: int | None = None,
                  aging_s: float = 5.0, on_metrics: Callable | None = None, max_failures: int = 3,
-                 failure_window_s: float = 60.0):
-        self.model, self.tok, self.eos_ids = model, tokenizer, set(eos_ids)
+                 failure_window_s: float = 60.0, cache: KVCache | None = None, len_bucket: int | None = None,
+                 on_idle: Callable[["Scheduler"], None] | None = None):
+        """``model``: what runs the forwards, the eager model or a compiled runner (``CompiledLM``). ``cache``:
+        the runner's planned cache (at least ``max_batch`` rows of ``max_len``), else one is allocated.
+        ``len_bucket``: decode steps attend over the context rounded up to this multiple, so that a compiled
+        runner's step for that length runs them (its rows kept at cache rows 0..B-1, see :meth:`_compact`).
+        ``on_idle``: called on the scheduler thread while nothing is queued or running (a safe point to
+        :meth:`rebind` to a faster runner)."""
+        self.tok, self.eos_ids = tokenizer, set(eos_ids)
         ctx = model.config.max_position_embeddings
         self.max_len = min(max_len or ctx, ctx)
         self.max_batch, self.max_queue, self.chunk, self.aging_s = max_batch, max_queue, prefill_chunk, aging_s
         self.kv_budget_tokens = kv_budget_tokens or max_batch * self.max_len
-        self.cache = KVCache.for_model(model, max_batch, self.max_len)
-        self.bytes_per_token = self.cache.nbytes // (max_batch * self.max_len)
-        self.device = model_device(model)
+        self.rebind(model, cache, len_bucket)
+        self.on_idle = on_idle
         self.queue: list[Request] = []
         self.running: list[Request] = []
         self.free_slots = list(range(max_batch))
@@ -124,6 +138,21 @@ class Scheduler:
         self.faults = 0  # requests failed by an exception, in all
         self.fatal: str | None = None  # why the scheduler gave up; set once, then run() returns
         self.last_progress = time.monotonic()  # end of the last step (or idle tick): the watchdog's clock
+        self.compiled_steps = 0  # decode steps the compiled runner ran (the rest ran eager)
+        self.row_moves = self.row_swaps = 0  # cache rows moved / traded to keep decoding rows at 0..D-1
+
+    def rebind(self, model, cache: KVCache | None = None, len_bucket: int | None = None) -> None:
+        """Run on ``model`` over ``cache`` from now on. Only while idle (no request holds a cache row)."""
+        if getattr(self, "running", None):
+            raise RuntimeError("rebind while requests are running")
+        if cache is not None and (cache.batch < self.max_batch or cache.max_len < self.max_len):
+            cache = None  # the runner's plan is smaller than the server's: decode eager over a cache of our own
+            len_bucket = None
+        self.model, self.len_bucket = model, len_bucket
+        self.cache = cache if cache is not None else KVCache.for_model(model, self.max_batch, self.max_len)
+        self.cache.static_len = None
+        self.bytes_per_token = self.cache.nbytes // (self.cache.batch * self.cache.max_len)
+        self.device = model_device(model)
 
     # ---- called from other threads ------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -179,6 +208,11 @@ class Scheduler:
         while not stop.is_set() and self.fatal is None:
             if self.idle:
                 self.last_progress = time.monotonic()
+                if self.on_idle is not None:
+                    try:
+                        self.on_idle(self)
+                    except Exception:
+                        log.exception("the idle hook failed")
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
@@ -234,9 +268,11 @@ class Scheduler:
                 batch.append((r, n))
                 budget -= n
             self._guarded(batch, self._prefill_forward, self._prefill_commit)
+        decoding = [r for r in running if r.next_input is not None and r.finish_reason is None]
+        if decoding and self.len_bucket:
+            self._compact(decoding)
         # by cache row: when the rows form a run, the cache is read as a view instead of gathered
-        decoding = sorted((r for r in running if r.next_input is not None and r.finish_reason is None),
-                          key=lambda r: r.slot)
+        decoding.sort(key=lambda r: r.slot)
         if decoding:
             self._guarded(decoding, self._decode_forward, self._emit_sampled)
         self.last_progress = time.monotonic()
@@ -362,13 +398,60 @@ class Scheduler:
         if r.prefilled == len(r.prompt_ids):
             self._take(r, logits)
 
+    @staticmethod
+    def _written(r: Request) -> int:
+        """Cache slots of r's row that hold its context (prompt so far and generated tokens): at most this."""
+        return r.prefilled + len(r.out_ids)
+
+    def _compact(self, decoding: list[Request]) -> None:
+        """Put the decoding requests on cache rows 0..D-1 (a compiled step runs rows 0..B-1): a decoding request
+        on a higher row moves to a free row below D, or trades rows with a request still prefilling there. Rows
+        move only when requests join or leave; a move copies the row's written slots."""
+        D = len(decoding)
+        stray = [r for r in decoding if r.slot >= D]
+        if not stray:
+            return
+        ids = {id(r) for r in decoding}
+        with self.lock:
+            by_slot = {r.slot: r for r in self.running}
+            targets = [s for s in range(D) if s not in by_slot or id(by_slot[s]) not in ids]
+            for r, s in zip(stray, targets):
+                other = by_slot.get(s)
+                if other is None:
+                    self.cache.move_row(r.slot, s, self._written(r))
+                    self.row_moves += 1
+                    self.free_slots.remove(s)
+                    self.free_slots.append(r.slot)
+                    self.free_slots.sort()
+                else:
+                    self.cache.swap_rows(r.slot, s, max(self._written(r), self._written(other)))
+                    self.row_swaps += 1
+                    other.slot = r.slot
+                r.slot = s
+
+    def _static_len(self, rs: list[Request], pos: torch.Tensor) -> int | None:
+        """The attended length a compiled step runs this decode batch at, or None (run it eager): the rows must
+        be cache rows 0..B-1, and the step for the bucket must exist (never compiled while serving)."""
+        if not self.len_bucket or any(r.slot != i for i, r in enumerate(rs)):
+            return None
+        b = self.len_bucket
+        n = min(-(-(int(pos.max()) + 1) // b) * b, self.cache.max_len)
+        has = getattr(self.model, "has_step", None)
+        return n if has is not None and has(n) else None
+
     def _decode_forward(self, rs: list[Request]) -> list[tuple[int, torch.Tensor | None]]:
         """One batched decode step and sampling: (token, log-probabilities or None) per request."""
         ids = torch.tensor([[r.next_input] for r in rs], device=self.device)
         pos = torch.tensor([[len(r.prompt_ids) + len(r.out_ids) - 1] for r in rs], device=self.device)
+        static = self._static_len(rs, pos)
         self.cache.select(torch.tensor([r.slot for r in rs], device=self.device))
-        with torch.inference_mode():
-            logits = self.model(ids, pos, self.cache)[:, -1]
+        self.cache.static_len = static
+        try:
+            with torch.inference_mode():
+                logits = self.model(ids, pos, self.cache)[:, -1]
+        finally:
+            self.cache.static_len = None
+        self.compiled_steps += static is not None
         toks = sample(logits, [r.params for r in rs], [r.generator for r in rs],
                       [r.prompt_ids + r.out_ids for r in rs] if any(r.params.repetition_penalty != 1 for r in rs) else None)
         lps = torch.log_softmax(logits.float(), -1) if any(r.logprobs is not None for r in rs) else None

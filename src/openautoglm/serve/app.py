@@ -1,5 +1,10 @@
 """The FastAPI application: OpenAI routes over the scheduler, Prometheus metrics, API key, OpenAI-style errors.
 
+The scheduler drives the engine as compiled (``_runner``): at O2/O3 its decode steps run the compiled step over
+the planned cache (``openautoglm serve`` compiles for ``--max-batch`` rows of ``--max-len``); with ``--opt
+auto`` (the default) a server that starts at O1 while O3 builds in the background moves to O3 at the first
+moment it is idle after the build is done.
+
 This module imports fastapi at import time; only ``openautoglm serve`` imports it. The scheduler runs on its
 own thread; each request gets an asyncio queue that the scheduler feeds through
 ``loop.call_soon_threadsafe``. A client that disconnects is cancelled, and its cache row is freed at the
@@ -194,13 +199,37 @@ class Metrics:
             self.itl.observe(itl)
 
 
+def _runner(engine) -> tuple:
+    """(what runs the forwards, its planned cache, its length bucket) for the engine as compiled: the compiled
+    decode step at O2/O3, the passes-applied model at O1, the eager model at O0 or uncompiled."""
+    c = getattr(engine, "compiled", None)
+    if c is None or c.level == "O0":
+        return engine.model, None, None
+    return c.runner, c.cache, c.len_bucket
+
+
+def _switch_when_built(engine):
+    """The scheduler's idle hook: once a background O3 build (``--opt auto``) is done, serve on it."""
+    def hook(sched: Scheduler) -> None:
+        if getattr(engine, "_build", None) is None:
+            return
+        before = getattr(engine, "compiled", None)
+        engine._switch_if_built()
+        if engine.compiled is not before:
+            sched.rebind(*_runner(engine))
+            logging.getLogger("openautoglm.serve").warning("now serving at %s", engine.compiled.level)
+    return hook
+
+
 def create_app(engine, settings: ServeSettings | None = None):
     st = settings or ServeSettings()
     metrics = Metrics()
     budget = None
-    sched = Scheduler(engine.model, engine.tokenizer, engine.eos_ids, max_batch=st.max_batch, max_queue=st.max_queue,
+    runner, cache, len_bucket = _runner(engine)
+    sched = Scheduler(runner, engine.tokenizer, engine.eos_ids, max_batch=st.max_batch, max_queue=st.max_queue,
                       max_len=st.max_len, prefill_chunk=st.prefill_chunk, aging_s=st.aging_s, on_metrics=metrics,
-                      max_failures=st.max_failures, failure_window_s=st.failure_window_s)
+                      max_failures=st.max_failures, failure_window_s=st.failure_window_s, cache=cache,
+                      len_bucket=len_bucket, on_idle=_switch_when_built(engine))
     if st.kv_budget_mb:
         budget = int(st.kv_budget_mb * 2**20 // sched.bytes_per_token)
         sched.kv_budget_tokens = budget

@@ -1,4 +1,5 @@
-"""Load benchmark for ``openautoglm serve`` against llama-cpp-python's server on the same GGUF, same run.
+"""Load benchmark for ``openautoglm serve`` against llama.cpp's own ``llama-server`` (continuous batching,
+``-np`` slots; built by ``make install-peers``) and llama-cpp-python's server, on the same GGUF, same run.
 
 Each level of concurrency C runs C clients; each sends ``--requests`` streaming completions one after the
 other (greedy, ``--max-tokens`` new tokens), each with its own ``--prompt-tokens`` slice of real text from
@@ -8,6 +9,11 @@ of inter-token latency (gaps between streamed chunks). Both servers are started 
 at the end.
 
     python benchmarks/serve_load.py --concurrency 1,4,16 --json benchmarks/results/serve-load-smollm2-xeon-avx512.json
+
+Our server runs with its defaults (``--opt auto``: build O3 for ``--max-batch`` rows of ``--max-len`` first with
+``openautoglm compile -m MODEL --max-batch 16 --max-len 1024``, or the run measures O1 beside a background
+build). ``llama-server`` gets ``-np <max concurrency> -c <that x --max-len> -t <threads>``. ``ignore_eos`` on
+every server, so every request generates exactly ``--max-tokens``.
 """
 
 from __future__ import annotations
@@ -16,12 +22,24 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The server process's peak resident memory so far (VmHWM)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def free_port() -> int:
@@ -101,10 +119,12 @@ def main():
     ap.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--opt", default="O0")
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="our server's runtime dtype")
+    ap.add_argument("--opt", default="auto")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="our server's runtime dtype")
+    ap.add_argument("--max-len", type=int, default=1024, help="per-request context on every server")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--systems", default="openautoglm,llama-cpp-python")
+    ap.add_argument("--systems", default="openautoglm,llama-server",
+                    help="openautoglm, llama-server, llama-cpp-python")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -124,7 +144,20 @@ def main():
         port = free_port()
         if system == "openautoglm":
             cmd = [sys.executable, "-m", "openautoglm.cli", "serve", "--model", str(path), "--port", str(port),
-                   "--opt", a.opt, "--dtype", a.dtype, "--max-batch", str(max(levels)), "--max-len", "1024", "-q"]
+                   "--opt", a.opt, "--dtype", a.dtype, "--max-batch", str(max(levels)), "--max-len", str(a.max_len),
+                   "-q"]
+            extra = {"ignore_eos": True}
+        elif system == "llama-server":
+            exe = next((c for c in (os.environ.get("OPENAUTOGLM_LLAMA_SERVER"),
+                                    str(Path(sys.prefix) / "peers" / "bin" / "llama-server"),
+                                    shutil.which("llama-server")) if c and Path(c).is_file()), None)
+            if exe is None:
+                results[system] = {"skipped": True, "reason": "llama-server is not built (make install-peers)"}
+                print(f"{system}: skipped: not built (make install-peers)", flush=True)
+                continue
+            n = max(levels)
+            cmd = [exe, "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-np", str(n),
+                   "-c", str(n * a.max_len), "-t", str(a.threads), "-tb", str(a.threads)]
             extra = {"ignore_eos": True}
         else:
             # interrupt_requests off: by default a new request aborts the stream in flight
@@ -142,9 +175,11 @@ def main():
             results[system] = []
             for c in levels:
                 r = asyncio.run(level(url, prompts, c, a.requests, a.max_tokens, extra))
+                r["server_peak_rss_mb"] = peak_rss_mb(proc.pid)
                 results[system].append(r)
                 print(f"{system:18s} C={c:<3d} {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50']:.3f}s "
-                      f"p99 {r['ttft_p99']:.3f}s  ITL p50 {1000 * r['itl_p50']:.1f}ms p99 {1000 * r['itl_p99']:.1f}ms",
+                      f"p99 {r['ttft_p99']:.3f}s  ITL p50 {1000 * r['itl_p50']:.1f}ms p99 {1000 * r['itl_p99']:.1f}ms  "
+                      f"peak RSS {r['server_peak_rss_mb']:.0f} MB",
                       flush=True)
         except Exception as e:  # report, never skip silently
             results[system] = {"skipped": True, "reason": f"{type(e).__name__}: {e}"}

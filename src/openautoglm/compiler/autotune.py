@@ -1,6 +1,8 @@
 """O3: the kernel selector. For each distinct linear (format, N, K) and token-count bucket (decode: up to the
 planned batch; prefill: the planned chunk) it times the implementations this CPU offers (modules in
-``impls.py``; this file only measures and chooses):
+``impls.py``; this file only measures and chooses). A plan for several rows times decode at the full batch and
+at one row (a server decodes both) and takes the implementation whose worst slowdown against the best at
+either count is least:
 
 - ``native``: the layer's own kernel (int4/int8 weight-only packs, W8A8 ``_int_mm``, the float GEMM, or a GGUF
   layer's block GEMV and dequantizing GEMM): always eligible, since it defines the layer (GGML layers have no other);
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -242,11 +245,16 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
         # prefill's token count would time it at a size it never runs at (and buy a bf16 copy it never uses)
         return max_batch if name == "lm_head" else buckets[bucket]
 
+    def row_counts(name: str, bucket: str) -> list[int]:
+        # a plan for several rows decodes one row too (a single stream through the server): time both, so a
+        # kernel that wins only at the full batch (a GEMM on a weight copy) is not what one stream gets
+        m = rows(name, bucket)
+        return [m, 1] if bucket == "decode" and m > 1 else [m]
+
     timings = {}  # (fmt, N, K, bucket, rows) -> {impl: seconds or None when over the quality budget}
     with Progress("autotuning kernels", total=len(layers), unit=" linears", enabled=progress) as pb:
         for name, mod in layers:
-            for bucket in buckets:
-                m = rows(name, bucket)
+            for bucket, m in ((b, m) for b in buckets for m in row_counts(name, b)):
                 k = (_fmt(mod), mod.out_features, mod.in_features, bucket, m)
                 ck = (f"{k[0]}|{k[1]}x{k[2]}|{bucket}:{m}|{base}|threads:{threads}"
                       f"|impls:{','.join(sorted(implementations(mod)))}")
@@ -273,13 +281,26 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
                 res.update(_time_all(fs, x))
                 timings[k] = cache[ck] = res
             pb.update()
+    def scored(name: str, mod: nn.Module, bucket: str) -> dict:
+        """{impl: seconds or None} for a layer and bucket; over several row counts, an implementation's worst
+        slowdown against the best at each count (in the first count's seconds)."""
+        ts = [timings[(_fmt(mod), mod.out_features, mod.in_features, bucket, m)] for m in row_counts(name, bucket)]
+        if len(ts) == 1:
+            return ts[0]
+        both = set.intersection(*({n for n, t in r.items() if t is not None} for r in ts))
+        best = [min(r[n] for n in both) for r in ts]
+        worst = {n: max(r[n] / b if b > 0 else (1.0 if r[n] == 0 else math.inf) for r, b in zip(ts, best))
+                 for n in both}
+        unit = best[0] if best[0] > 0 else 1.0
+        return {n: worst[n] * unit if n in both else None for n in ts[0]}
+
     # the fastest eligible implementation per layer and bucket; a memory-costly one only when it beats the best
     # free one by COPY_MIN_GAIN, by time saved per byte first
     wants = []
     for name, mod in layers:
         impls = implementations(mod)
         for bucket in buckets:
-            res = timings[(_fmt(mod), mod.out_features, mod.in_features, bucket, rows(name, bucket))]
+            res = scored(name, mod, bucket)
             ok = {n: t for n, t in res.items() if t is not None and n in impls}
             best = min(ok, key=ok.get)
             free = min(t for n, t in ok.items() if impls[n][1] == 0)
@@ -301,7 +322,7 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
         impls = implementations(mod)
         chosen, fns = [], {}
         for bucket in buckets:
-            res = timings[(_fmt(mod), mod.out_features, mod.in_features, bucket, rows(name, bucket))]
+            res = scored(name, mod, bucket)
             ok = {n: t for n, t in res.items() if t is not None and n in impls and impls[n][1] == 0}
             pick = granted.get((name, bucket)) or min(ok, key=ok.get)
             if pick not in fns:

@@ -47,6 +47,7 @@ class CompiledLM(nn.Module):
         self._cache = cache  # the planned cache: the packages are specialized to its tensors' shapes
         self._shape = tuple(cache.k[0].shape)
         self._steps: dict[int, aot.CompiledStep] = {}
+        self._paths: dict[int, Path] = {}
         self.packages_built = 0  # compiled in this process (not loaded from disk)
         self.compiled_calls = 0
         prepare_kernels(model)
@@ -64,7 +65,12 @@ class CompiledLM(nn.Module):
         return self.model(input_ids, positions, cache, logits_at)
 
     def _path(self, static_len: int) -> Path:
-        return self.cache_dir / f"decode-{aot.package_key(self.model, self._shape, static_len)}.pt2"
+        # the key hashes the module tree and our sources: once a length, not on every step that asks has_step
+        p = self._paths.get(static_len)
+        if p is None:
+            key = aot.package_key(self.model, self._shape, static_len)
+            p = self._paths[static_len] = self.cache_dir / f"decode-{key}.pt2"
+        return p
 
     def has_step(self, static_len: int) -> bool:
         """Whether the step for ``static_len`` runs without compiling first (loaded, or built on this machine)."""

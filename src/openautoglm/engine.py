@@ -257,10 +257,10 @@ class Engine:
 
     # ---- generation ---------------------------------------------------------------------------------
     def _params(self, max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
-                seed=None, stop=None, stop_token_ids=None, ignore_eos=False) -> SamplingParams:
+                seed=None, stop=None, stop_token_ids=None, ignore_eos=False, grammar=None) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               repetition_penalty=repetition_penalty, seed=seed, stop=stop or (),
-                              stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos)
+                              stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos, grammar=grammar)
 
     def encode_input(self, input_data) -> tuple[list[list[int]], bool]:
         """Token ids for ``input_data`` (str, list of str, or chat messages); and whether it was a batch."""
@@ -293,7 +293,9 @@ class Engine:
         """Generate for a prompt (str), a batch (list of str) or chat messages (list of dicts).
 
         Returns the generated text, or a list of texts for a batch. Greedy by default (temperature 0).
-        Extra keyword arguments: ``min_p``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``.
+        Extra keyword arguments: ``min_p``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, and
+        ``grammar`` (a ``runtime.grammar.Grammar``: the output matches a JSON schema, JSON, a regex or a Lark
+        grammar).
         """
         prompts, batched = self.encode_input(input_data)
         res = self._generate(prompts, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -315,12 +317,25 @@ class Engine:
 
         return pieces()
 
-    def chat(self, messages: list[dict], **kwargs) -> str:
-        """The assistant's reply to ``messages`` (rendered with the model's chat template)."""
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice=None,
+             parallel_tool_calls: bool = True, response_format: dict | None = None, **kwargs):
+        """The assistant's reply to ``messages`` (rendered with the model's chat template).
+
+        Without ``tools`` and ``response_format``: the reply text. With them (OpenAI's shapes): the assistant
+        message as a dict, ``{"role": "assistant", "content": str | None, "tool_calls": [...]}`` (``tool_calls``
+        only when the model called tools). ``tool_choice``: "auto" (default), "none", "required" or
+        ``{"type": "function", "function": {"name": ...}}``; calls are grammar-constrained, so they are valid
+        JSON for a declared tool. ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema",
+        "json_schema": {"name": ..., "schema": {...}}}``; the content then parses and validates."""
         from .tokenizer import validate_messages
+        from .toolcall import ChatPlan
 
         validate_messages(messages)
-        return self.infer(messages, **kwargs)
+        if tools is None and tool_choice is None and response_format is None:
+            return self.infer(messages, **kwargs)
+        plan = ChatPlan(self.tokenizer, messages, tools, tool_choice, parallel_tool_calls, response_format)
+        res = self._generate([plan.prompt_ids], {**kwargs, "grammar": plan.grammar})[0]
+        return plan.message(res.text)
 
     # ---- introspection ------------------------------------------------------------------------------
     def info(self) -> dict:

@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ContextLengthExceededError, InvalidParameterError
+from .grammar import MaskJob, closing_reserve, constraint_for
 from .kv_cache import KVCache, model_device
 from .sampler import SamplingParams, make_generator, sample
 
@@ -58,6 +59,7 @@ class Sequence:
     text: str = ""  # text decoded so far (before stop truncation)
     emitted: int = 0  # characters of ``text`` already yielded
     finish_reason: str | None = None
+    constraint: object = None  # runtime.grammar.Constraint of a request with a grammar
 
     @property
     def history(self) -> list[int]:
@@ -131,7 +133,8 @@ class Generation:
                     f"the prompt has {len(ids)} tokens but the context window is {ctx}; shorten the prompt"
                 )
             self.sequences.append(Sequence(list(ids), p, min(p.max_tokens, ctx - len(ids)),
-                                           IncrementalDetokenizer(tokenizer), make_generator(p.seed)))
+                                           IncrementalDetokenizer(tokenizer), make_generator(p.seed),
+                                           constraint=constraint_for(p, tokenizer, cfg.vocab_size, self.eos_ids)))
 
     def __iter__(self) -> Iterator[StreamEvent]:
         model, seqs = self.model, self.sequences
@@ -160,9 +163,11 @@ class Generation:
         penalized = any(p.repetition_penalty != 1 for p in params)
 
         with torch.inference_mode():
+            masks = MaskJob([s.constraint for s in seqs])  # computed while the forward runs
             logits = model(ids.to(device), positions.to(device), cache, logits_at=(lens - 1).to(device))
             pos = lens.clone()  # next write position per row
             while True:
+                logits = masks.apply(logits)
                 next_ids = sample(logits, params, gens, [s.history for s in seqs] if penalized else None)
                 for b, s in enumerate(seqs):
                     if s.finish_reason is None:
@@ -176,6 +181,7 @@ class Generation:
                 done = [s.finish_reason is not None for s in seqs]
                 step_pos = torch.where(torch.tensor(done), pos - 1, pos) if any(done) else pos
                 pos = step_pos + 1
+                masks = MaskJob([s.constraint if s.finish_reason is None else None for s in seqs])
                 logits = model(next_ids[:, None].to(device), step_pos[:, None].to(device), cache)[:, -1]
 
 
@@ -203,9 +209,15 @@ def advance(s, tok: int, eos_ids: set[int]) -> str:
     s.out_ids.append(tok)
     start = len(s.text)
     s.text += s.detok.push(tok)
-    if len(s.out_ids) >= s.max_new:
+    c = s.constraint
+    if c is not None and c.advance(tok, s.text):  # the grammar is complete and allows nothing more
+        s.finish_reason = "stop"
+        s.text += s.detok.flush()
+    elif len(s.out_ids) >= s.max_new:
         s.finish_reason = "length"
         s.text += s.detok.flush()
+    if c is not None and s.max_new - len(s.out_ids) <= closing_reserve(s.max_new):
+        c.closing = True
     if p.stop:
         cut = _stop_cut(s.text, p.stop, start)
         if cut is not None:

@@ -39,6 +39,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     #: Keep generating past end-of-sequence tokens (benchmarks).
     ignore_eos: bool = False
+    #: Constrain the output to this grammar (``runtime.grammar.Grammar``: a JSON schema, JSON, regex, Lark).
+    grammar: object = None
 
     def __post_init__(self):
         def bad(msg):
@@ -69,6 +71,11 @@ class SamplingParams:
             bad(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop must be a non-empty string or a list of non-empty strings")
+        if self.grammar is not None:
+            from .grammar import Grammar
+
+            if not isinstance(self.grammar, Grammar):
+                bad(f"grammar must be a runtime.grammar.Grammar, got {type(self.grammar).__name__}")
 
     @property
     def greedy(self) -> bool:

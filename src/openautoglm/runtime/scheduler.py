@@ -41,6 +41,7 @@ import torch
 
 from ..errors import ContextLengthExceededError, OpenAutoGLMError
 from .generate import IncrementalDetokenizer, _release, advance
+from .grammar import MaskJob, constraint_for
 from .kv_cache import KVCache, model_device
 from .sampler import SamplingParams, make_generator, sample
 
@@ -95,6 +96,7 @@ class Request:
     cancelled: bool = False
     first_token_at: float | None = None
     last_token_at: float | None = None
+    constraint: object = None  # runtime.grammar.Constraint of a request with a grammar
 
     @property
     def max_new(self) -> int:
@@ -167,12 +169,13 @@ class Scheduler:
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) exceeds the context "
                 f"length {self.max_len}; shorten the prompt or lower max_tokens"
             )
+        req.generator = make_generator(req.params.seed)
+        req.detok = IncrementalDetokenizer(self.tok)
+        req.constraint = constraint_for(req.params, self.tok, self.model.config.vocab_size, self.eos_ids)
         with self.lock:
             if len(self.queue) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} waiting); retry later")
             req.id = req.id or f"req-{next(self._ids)}"
-            req.generator = make_generator(req.params.seed)
-            req.detok = IncrementalDetokenizer(self.tok)
             self.queue.append(req)
         self.wake.set()
         return req
@@ -446,11 +449,13 @@ class Scheduler:
         static = self._static_len(rs, pos)
         self.cache.select(torch.tensor([r.slot for r in rs], device=self.device))
         self.cache.static_len = static
+        masks = MaskJob([r.constraint for r in rs])  # computed while the forward runs
         try:
             with torch.inference_mode():
                 logits = self.model(ids, pos, self.cache)[:, -1]
         finally:
             self.cache.static_len = None
+        logits = masks.apply(logits)
         self.compiled_steps += static is not None
         toks = sample(logits, [r.params for r in rs], [r.generator for r in rs],
                       [r.prompt_ids + r.out_ids for r in rs] if any(r.params.repetition_penalty != 1 for r in rs) else None)
@@ -462,6 +467,7 @@ class Scheduler:
 
     def _take(self, r: Request, logits: torch.Tensor) -> None:
         """Sample the first token from the prefill logits."""
+        logits = MaskJob([r.constraint]).apply(logits[None])[0]
         tok = sample(logits[None], [r.params], [r.generator], [r.prompt_ids] if r.params.repetition_penalty != 1 else None)
         lp = torch.log_softmax(logits.float(), -1) if r.logprobs is not None else None
         self._emit(r, int(tok[0]), lp)

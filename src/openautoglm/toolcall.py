@@ -1,0 +1,261 @@
+"""OpenAI tool calling and structured output on top of the chat template and the grammar engine.
+
+Prompt: tools go into the model's own chat template (``tools=`` as transformers passes them) when the template
+uses them; a template without tool support (SmolLM2's) gets a generic system prompt that lists the tools as
+JSON and asks for the Hermes/Qwen2.5 call format::
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+History: an assistant message's ``tool_calls`` (OpenAI shape, arguments as a JSON string) are handed to the
+template with the arguments parsed (templates render them with ``tojson``); ``role: tool`` messages are the
+template's to render, or become ``<tool_response>`` user turns in the generic format.
+
+Constraint (``runtime/grammar.py``): ``tool_choice="required"`` or a named tool: the whole reply is tool
+calls, one or more (``parallel_tool_calls``), each's JSON an object ``{"name": <a declared tool>, "arguments":
+<valid for that tool's parameters schema>}``, from the first token. ``"auto"``: free text until the model
+writes ``<tool_call>``, then the call is constrained ("lazy grammar", as llama.cpp's server does). ``"none"``:
+no constraint and no parsing. GLM-4 (its template ends a turn at ``<|observation|>``) writes a call as the
+tool's name on one line and the arguments' JSON after it; it has its own grammar and parser.
+
+Output: :func:`parse` splits the reply into content and OpenAI ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from .errors import InvalidParameterError
+from .runtime.grammar import JSON_OPTIONS, Grammar
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_WS = r"/[ \t\r\n]*/"
+
+GENERIC_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}}\n</tool_call>"
+)
+
+
+def validate_tools(tools) -> list[dict]:
+    """The tools in OpenAI's shape, checked; InvalidParameterError naming what is wrong."""
+    if not isinstance(tools, list) or not tools:
+        raise InvalidParameterError("tools must be a non-empty list of {'type': 'function', 'function': {...}}")
+    seen = set()
+    out = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict):
+            raise InvalidParameterError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        name = f.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidParameterError(f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-'")
+        if name in seen:
+            raise InvalidParameterError(f"tools[{i}]: the tool name {name!r} is declared twice")
+        seen.add(name)
+        params = f.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise InvalidParameterError(f"tools[{i}].function.parameters must be a JSON schema object")
+        out.append({"type": "function", "function": {**f, "parameters": params}})
+    return out
+
+
+def tool_names(tools: list[dict]) -> list[str]:
+    return [t["function"]["name"] for t in tools]
+
+
+def resolve_choice(tools: list[dict] | None, choice) -> str | None:
+    """``tool_choice`` as 'none' | 'auto' | 'required' | 'name:<tool>' (None: no tools)."""
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise InvalidParameterError("tool_choice needs tools")
+        return None
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice or "auto"
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in tool_names(tools):
+            raise InvalidParameterError(f"tool_choice names {name!r}, which is not among the tools")
+        return "name:" + name
+    raise InvalidParameterError("tool_choice must be 'none', 'auto', 'required' or "
+                                "{'type': 'function', 'function': {'name': ...}}")
+
+
+def _call_schema(tools: list[dict]) -> dict:
+    alts = [{"type": "object",
+             "properties": {"name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
+             "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    schema = alts[0] if len(alts) == 1 else {"anyOf": alts}
+    return {**schema, "x-guidance": dict(JSON_OPTIONS)}
+
+
+def is_glm4(template: str | None) -> bool:
+    return bool(template) and "<|observation|>" in template
+
+
+def _tag(tokenizer, text: str) -> str:
+    """A tag in a Lark grammar: the vocabulary's own token when it has one (llguidance matches added tokens
+    only as tokens, ``<[id]>``), else the literal text."""
+    i = tokenizer.backend.token_to_id(text) if tokenizer is not None else None
+    return f"<[{i}]>" if i is not None else json.dumps(text)
+
+
+def tool_grammar(tools: list[dict], choice: str, parallel: bool = True, glm4: bool = False,
+                 tokenizer=None) -> Grammar | None:
+    """The constraint of a reply for ``choice`` (see :func:`resolve_choice`)."""
+    if choice in (None, "none"):
+        return None
+    if choice.startswith("name:"):
+        tools = [t for t in tools if t["function"]["name"] == choice[5:]]
+    if glm4:  # name on its own line, then the arguments' JSON
+        rules = [f'call{i}: "{t["function"]["name"]}\\n" args{i}\nargs{i}: %json '
+                 + json.dumps({**t["function"]["parameters"], "x-guidance": dict(JSON_OPTIONS)})
+                 for i, t in enumerate(tools)]
+        start = "start: " + " | ".join(f"call{i}" for i in range(len(tools)))
+        return Grammar.lark(start + "\n" + "\n".join(rules) + "\n")
+    body = "body: %json " + json.dumps(_call_schema(tools)) + "\n"
+    open_, close = _tag(tokenizer, OPEN), _tag(tokenizer, CLOSE)
+    if choice == "auto":  # lazy: what follows the model's own <tool_call>
+        return Grammar.lark(f"start: {_WS} body {_WS} {close}\n" + body, triggers=(OPEN,), once=not parallel)
+    more = ' ("\\n" call)*' if parallel and choice == "required" else ""  # a named tool: one call
+    return Grammar.lark(f'start: call{more}\ncall: {open_} "\\n" body "\\n" {close}\n' + body)
+
+
+def response_format_grammar(rf) -> Grammar | None:
+    """OpenAI ``response_format``: text, json_object, json_schema (with ``strict`` or not: always enforced)."""
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidParameterError("response_format must be {'type': 'text' | 'json_object' | 'json_schema', ...}")
+    if rf["type"] == "text":
+        return None
+    if rf["type"] == "json_object":
+        return Grammar.json()
+    js = rf.get("json_schema")
+    if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+        raise InvalidParameterError("response_format.json_schema must be {'name': ..., 'schema': {...}}")
+    return Grammar.json_schema(js.get("schema", {"type": "object"}))
+
+
+def prepare_messages(messages: list[dict], tools: list[dict] | None, template: str | None) -> tuple[list[dict], dict]:
+    """Messages and template keyword arguments for a chat with ``tools``: native when the template takes
+    tools, else the generic system prompt; assistant tool calls and tool results made renderable."""
+    native = bool(template) and "tools" in template
+    out = []
+    for m in messages:
+        m = dict(m)
+        calls = m.get("tool_calls")
+        if calls:
+            calls = [_history_call(c) for c in calls]
+            if native:
+                m["tool_calls"] = calls
+            else:
+                m.pop("tool_calls")
+                text = "\n".join(f'{OPEN}\n{json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})}\n{CLOSE}'
+                                 for c in calls)
+                m["content"] = ((m.get("content") or "") + ("\n" if m.get("content") else "") + text)
+        if m.get("role") == "tool" and not native:
+            m = {"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"}
+        if m.get("content") is None:
+            m["content"] = ""
+        out.append(m)
+    if not tools:
+        return out, {}
+    if native:
+        return out, {"tools": tools}
+    listing = "\n".join(json.dumps(t) for t in tools)
+    prompt = GENERIC_PROMPT.format(tools=listing)
+    if out and out[0].get("role") == "system":
+        out[0] = {**out[0], "content": (out[0].get("content") or "") + "\n\n" + prompt}
+    else:
+        out.insert(0, {"role": "system", "content": prompt})
+    return out, {}
+
+
+def _history_call(c) -> dict:
+    if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
+        raise InvalidParameterError("an assistant message's tool_calls must be [{'type': 'function', 'function': "
+                                    "{'name': ..., 'arguments': ...}}]")
+    f = c["function"]
+    args = f.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise InvalidParameterError(f"tool call {f.get('name')!r}: arguments are not valid JSON") from None
+    return {**c, "function": {"name": f.get("name"), "arguments": args}}
+
+
+def new_call(name: str, arguments) -> dict:
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": name, "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}}
+
+
+def parse(text: str, tools: list[dict], glm4: bool = False) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) of a reply. A block that is not a well-formed call to a declared tool stays in
+    the content, as text."""
+    names = set(tool_names(tools))
+    if glm4:
+        head, _, rest = text.partition("\n")
+        if head.strip() in names:
+            try:
+                args = json.loads(rest)
+            except ValueError:
+                args = None
+            if isinstance(args, dict):
+                return None, [new_call(head.strip(), args)]
+        return (text or None), []
+    calls, content, pos = [], [], 0
+    for m in re.finditer(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), text, re.S):
+        try:
+            obj = json.loads(m.group(1))
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and obj.get("name") in names and isinstance(obj.get("arguments", {}), dict):
+            content.append(text[pos:m.start()])
+            calls.append(new_call(obj["name"], obj.get("arguments", {})))
+            pos = m.end()
+    content.append(text[pos:])
+    body = "".join(content).strip()
+    return (body or None), calls
+
+
+class ChatPlan:
+    """A chat request with tools and/or a response format, ready to generate: prompt ids and the grammar; and
+    how to read the reply (:meth:`message`)."""
+
+    def __init__(self, tokenizer, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=True,
+                 response_format=None):
+        self.tools = validate_tools(tools) if tools is not None else None
+        self.choice = resolve_choice(self.tools, tool_choice)
+        rf = response_format_grammar(response_format)
+        if rf is not None and self.choice not in (None, "none"):
+            raise InvalidParameterError("response_format with tools is supported only with tool_choice='none'")
+        if not isinstance(parallel_tool_calls, bool):
+            raise InvalidParameterError("parallel_tool_calls must be true or false")
+        self.glm4 = is_glm4(tokenizer.chat_template)
+        msgs, kw = prepare_messages(messages, self.tools, tokenizer.chat_template)
+        self.prompt_ids = tokenizer.encode_chat(msgs, **kw)
+        self.grammar = rf if rf is not None else (
+            tool_grammar(self.tools, self.choice, parallel_tool_calls, self.glm4, tokenizer) if self.tools else None)
+
+    @property
+    def calls_tools(self) -> bool:
+        return self.choice not in (None, "none")
+
+    def message(self, text: str) -> dict:
+        """The assistant message in OpenAI's shape: ``content`` and, when it called tools, ``tool_calls``."""
+        if not self.calls_tools:
+            return {"role": "assistant", "content": text}
+        content, calls = parse(text, self.tools, self.glm4)
+        msg = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        return msg

@@ -227,24 +227,38 @@ def parse(text: str, tools: list[dict], glm4: bool = False) -> tuple[str | None,
     return (body or None), calls
 
 
+def _raise(msg: str):
+    raise InvalidParameterError(msg)
+
+
+def _at(param: str, fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except InvalidParameterError as e:
+        e.param = getattr(e, "param", None) or param
+        raise
+
+
 class ChatPlan:
     """A chat request with tools and/or a response format, ready to generate: prompt ids and the grammar; and
     how to read the reply (:meth:`message`)."""
 
     def __init__(self, tokenizer, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=True,
                  response_format=None):
-        self.tools = validate_tools(tools) if tools is not None else None
-        self.choice = resolve_choice(self.tools, tool_choice)
-        rf = response_format_grammar(response_format)
+        """InvalidParameterError for a bad argument, with ``param`` naming it (the server's 400 says which)."""
+        self.tools = _at("tools", lambda: validate_tools(tools) if tools is not None else None)
+        self.choice = _at("tool_choice", resolve_choice, self.tools, tool_choice)
+        rf = _at("response_format", response_format_grammar, response_format)
         if rf is not None and self.choice not in (None, "none"):
-            raise InvalidParameterError("response_format with tools is supported only with tool_choice='none'")
+            _at("response_format", _raise, "response_format with tools is supported only with tool_choice='none'")
         if not isinstance(parallel_tool_calls, bool):
-            raise InvalidParameterError("parallel_tool_calls must be true or false")
+            _at("parallel_tool_calls", _raise, "parallel_tool_calls must be true or false")
         self.glm4 = is_glm4(tokenizer.chat_template)
-        msgs, kw = prepare_messages(messages, self.tools, tokenizer.chat_template)
-        self.prompt_ids = tokenizer.encode_chat(msgs, **kw)
-        self.grammar = rf if rf is not None else (
-            tool_grammar(self.tools, self.choice, parallel_tool_calls, self.glm4, tokenizer) if self.tools else None)
+        msgs, kw = _at("messages", prepare_messages, messages, self.tools, tokenizer.chat_template)
+        self.prompt_ids = _at("messages", tokenizer.encode_chat, msgs, **kw)
+        self.grammar = rf if rf is not None else _at(
+            "tools", lambda: tool_grammar(self.tools, self.choice, parallel_tool_calls, self.glm4, tokenizer)
+            if self.tools else None)
 
     @property
     def calls_tools(self) -> bool:
@@ -259,3 +273,66 @@ class ChatPlan:
         if calls:
             msg["tool_calls"] = calls
         return msg
+
+
+class ToolStream:
+    """Streams a reply as OpenAI chat deltas: content as it comes (holding back what may be the start of a
+    ``<tool_call>``), and each tool call as one ``tool_calls`` delta when its block closes. GLM-4 replies are
+    held to the end (a call there is only known from the whole reply)."""
+
+    def __init__(self, plan: ChatPlan):
+        self.plan, self.buf, self.calls = plan, "", 0
+        self.started, self.ws = False, ""  # content emitted yet; blanks held until more content follows
+
+    def _content(self, text: str) -> list[dict]:
+        """Content as :func:`parse` gives it: blanks at either end of the whole content dropped."""
+        if not self.started:
+            text = text.lstrip()
+        core = text.rstrip()
+        if not core:
+            self.ws += text
+            return []
+        out = [{"content": self.ws + core}]
+        self.started, self.ws = True, text[len(core):]
+        return out
+
+    def feed(self, text: str) -> list[dict]:
+        self.buf += text
+        if self.plan.glm4:
+            return []
+        out = []
+        while True:
+            i = self.buf.find(OPEN)
+            if i == -1:
+                keep = next((k for k in range(min(len(OPEN) - 1, len(self.buf)), 0, -1)
+                             if self.buf.endswith(OPEN[:k])), 0)
+                if len(self.buf) > keep:
+                    out += self._content(self.buf[: len(self.buf) - keep])
+                    self.buf = self.buf[len(self.buf) - keep:]
+                return out
+            if i > 0:
+                out += self._content(self.buf[:i])
+                self.buf = self.buf[i:]
+            j = self.buf.find(CLOSE)
+            if j == -1:
+                return out
+            block, self.buf = self.buf[: j + len(CLOSE)], self.buf[j + len(CLOSE):]
+            _, calls = parse(block, self.plan.tools)
+            out += self._calls(calls) if calls else self._content(block)
+
+    def _calls(self, calls: list[dict]) -> list[dict]:
+        out = []
+        for c in calls:
+            out.append({"tool_calls": [{"index": self.calls, **c}]})
+            self.calls += 1
+        return out
+
+    def finish(self) -> list[dict]:
+        """Deltas for what is still held at the end of the reply."""
+        rest, self.buf = self.buf, ""
+        if not rest:
+            return []
+        if self.plan.glm4:
+            content, calls = parse(rest, self.plan.tools, glm4=True)
+            return self._calls(calls) if calls else [{"content": content}] if content else []
+        return self._content(rest)

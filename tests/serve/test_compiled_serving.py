@@ -188,3 +188,39 @@ def test_http_server_on_the_compiled_engine_concurrent_equals_sequential(engines
             t.join()
         assert out == alone
         assert s.app.state.scheduler.compiled_steps > 0
+
+
+def test_constrained_requests_on_the_compiled_step_equal_eager(engines):
+    """JSON-schema requests beside free ones on the compiled step: each gives the tokens it gives alone on O0
+    with the same grammar (up to near-ties), and every constrained output validates."""
+    import json
+
+    import jsonschema
+
+    from openautoglm.runtime.grammar import Grammar
+
+    e0, e2 = engines
+    c = e2.compiled
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["name", "n", "ok"], "additionalProperties": False}
+    g = Grammar.json_schema(schema)
+    prompts = _prompts(e0)[:5]
+    params = [SamplingParams(max_tokens=48, grammar=g if i % 2 == 0 else None, ignore_eos=i % 2 == 1)
+              for i in range(len(prompts))]
+    sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN, prefill_chunk=16,
+                      cache=c.cache, len_bucket=c.len_bucket)
+    out = [[] for _ in prompts]
+    reqs = [sched.submit(Request(p, sp, lambda ev, i=i: ev.token_id is not None and out[i].append(ev.token_id)))
+            for i, (p, sp) in enumerate(zip(prompts, params))]
+    for _ in range(500):
+        if sched.idle:
+            break
+        sched.step()
+    assert sched.idle and sched.compiled_steps > 0
+    for ids, sp, r, got in zip(prompts, params, reqs, out):
+        alone = generate(e0.model, e0.tokenizer, [ids], sp, e0.eos_ids)[0].token_ids
+        _agree_but_ties(e0, ids, alone, got)
+        if sp.grammar is not None and got == alone:
+            assert r.finish_reason == "stop"
+            jsonschema.validate(json.loads(e0.tokenizer.decode(got)), schema)

@@ -62,8 +62,18 @@ COMMON = {
     "ignore_eos": st.booleans(),
     "user": st.text(max_size=10),
 }
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
 chat_fields = {**COMMON, "max_completion_tokens": st.integers(-2, 6), "logprobs": st.booleans(),
-               "top_logprobs": st.integers(-1, 25)}
+               "top_logprobs": st.integers(-1, 25),
+               "tools": st.just([TOOL]) | st.lists(any_json, max_size=2),
+               "tool_choice": st.sampled_from(["auto", "none", "required", {"type": "function", "function": {
+                   "name": "f"}}]) | any_json,
+               "parallel_tool_calls": st.booleans(),
+               "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}, {
+                   "type": "json_schema", "json_schema": {"name": "s", "schema": TOOL["function"]["parameters"]}}])
+               | st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
+                   {"name": st.just("s"), "schema": any_json})})}
 completion_fields = {**COMMON, "echo": st.booleans()}
 valid_chat = st.fixed_dictionaries({"messages": st.lists(message, min_size=1, max_size=3)}, optional=chat_fields)
 valid_completion = st.fixed_dictionaries(

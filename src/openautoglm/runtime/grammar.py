@@ -19,8 +19,11 @@ constrained row has ``closing_reserve(max_tokens)`` tokens left, it closes what 
 the constrained text knows the innermost open thing (a string, an array, an object, or nothing), and the mask is
 narrowed, in order of preference, to the allowed tokens that close it (made only of closing characters and
 blanks, starting with ``"``, ``]`` or ``}``; end-of-sequence when nothing is open), else that end the current
-value (``,``), else that open nothing (no ``[`` or ``{``). Where the grammar allows none of these (a required
-key still missing, a minimum not reached) the full mask applies and the model writes what is needed.
+value (``,``), else that open nothing (no ``[`` or ``{``). In a string that may not end yet (a format or a
+pattern is unfinished: ``john_john_...`` of an e-mail) the next choices are the one-character separators of
+formatted text, one at a time in the order ``@ . - : /``, which move such a string towards its end. Last come
+the tokens that are not only blanks (JSON allows blanks between tokens: a model must not spend its reserve on
+them). Where the grammar allows none of these the full mask applies.
 """
 
 from __future__ import annotations
@@ -149,9 +152,10 @@ class Vocab:
 
 
     def closing_tiers(self, what: str | None) -> list[torch.Tensor]:
-        """(n_vocab,) bool masks, most preferred first, of the tokens that close ``what`` (``"``, ``]`` or
-        ``}``: text made only of closing characters and blanks, starting with it; end-of-sequence tokens for
-        None), that are a separator (``,``), and that open nothing."""
+        """(n_vocab,) bool masks, most preferred first: the tokens that close ``what`` (``"``, ``]`` or ``}``:
+        text made only of closing characters and blanks, starting with it; end-of-sequence tokens for None);
+        then in a string each one-character part separator in turn, elsewhere ``,`` and then the tokens that
+        open nothing; last, any token that is not only blanks."""
         if self._closers is None:
             n = min(self.n_vocab, self.tokenizer.vocab_size)
             texts = [t.strip() for t in self.tokenizer.backend.decode_batch([[i] for i in range(n)],
@@ -164,16 +168,23 @@ class Vocab:
             eos = torch.zeros(self.n_vocab, dtype=torch.bool)
             eos[[i for i in self.eos_ids if i < self.n_vocab]] = True
             by[None] = eos
-            sep, flat = torch.zeros(self.n_vocab, dtype=torch.bool), torch.zeros(self.n_vocab, dtype=torch.bool)
+            sep, flat, solid = (torch.zeros(self.n_vocab, dtype=torch.bool) for _ in range(3))
             sep[:n] = torch.tensor([t == "," for t in texts])
             flat[:n] = torch.tensor([bool(t) and "[" not in t and "{" not in t for t in texts])
-            self._closers = by, sep, flat
-        by, sep, flat = self._closers
-        return [by[what], sep, flat]
+            solid[:n] = torch.tensor([bool(t) for t in texts])
+            parts = []
+            for ch in _PARTS:
+                m = torch.zeros(self.n_vocab, dtype=torch.bool)
+                m[:n] = torch.tensor([t == ch for t in texts])
+                parts.append(m)
+            self._closers = by, sep, flat, parts, solid
+        by, sep, flat, parts, solid = self._closers
+        return [by[what], *parts, solid] if what == '"' else [by[what], sep, flat, solid]
 
 
 _vocab_lock = threading.Lock()
 _CLOSERS = '"]}'
+_PARTS = "@.-:/"  # separators of formatted strings (e-mail, host, date, time, path), most decisive first
 _CLOSING_TEXT = set(_CLOSERS) | set(" \n\t\r")
 
 

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ContextLengthExceededError, InvalidParameterError, OpenAutoGLMError
 from ..runtime.sampler import SamplingParams
 from ..runtime.scheduler import Event, QueueFullError, Request, Scheduler
+from ..toolcall import ChatPlan, ToolStream
 from .protocol import IGNORED, UNSUPPORTED, ChatCompletionRequest, CompletionRequest
 
 
@@ -316,7 +317,7 @@ def create_app(engine, settings: ServeSettings | None = None):
 
     max_prompt = min(st.max_prompt_tokens or sched.max_len, sched.max_len)
 
-    def sampling(body, max_tokens, n_prompt: int, param: str) -> SamplingParams:
+    def sampling(body, max_tokens, n_prompt: int, param: str, grammar=None) -> SamplingParams:
         """Sampling parameters for a prompt of ``n_prompt`` tokens; no max_tokens means up to the context (and
         the server's cap), as OpenAI does (a prompt that leaves no room fails at submit with
         context_length_exceeded)."""
@@ -334,7 +335,7 @@ def create_app(engine, settings: ServeSettings | None = None):
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                   top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                                   repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop or (),
-                                  ignore_eos=body.ignore_eos)
+                                  ignore_eos=body.ignore_eos, grammar=grammar)
         except InvalidParameterError as e:
             raise APIError(400, str(e), "invalid_value") from None
 
@@ -382,7 +383,8 @@ def create_app(engine, settings: ServeSettings | None = None):
                 sched.cancel(req)
                 metrics.requests.labels(status="cancelled").inc()
 
-    def encode_messages(body: ChatCompletionRequest) -> list[int]:
+    def encode_messages(body: ChatCompletionRequest):
+        """The prompt ids and, for a request with tools or a response_format, its ChatPlan (else None)."""
         msgs = []
         for i, m in enumerate(body.messages):
             c = m.content
@@ -398,11 +400,25 @@ def create_app(engine, settings: ServeSettings | None = None):
                         raise APIError(400, f"{where}.text must be a string", "invalid_value", param=where)
                     texts.append(part["text"])
                 c = "".join(texts)
-            msgs.append({"role": m.role, "content": c or ""})
+            msg = {"role": m.role, "content": c or ""}
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                msg["name"] = m.name
+            msgs.append(msg)
+        if body.tools is None and body.tool_choice is None and body.response_format is None:
+            try:
+                return engine.tokenizer.encode_chat(msgs), None
+            except OpenAutoGLMError as e:
+                raise APIError(400, str(e), "invalid_value", param="messages") from None
         try:
-            return engine.tokenizer.encode_chat(msgs)
+            plan = ChatPlan(engine.tokenizer, msgs, body.tools, body.tool_choice, body.parallel_tool_calls,
+                            body.response_format)
         except OpenAutoGLMError as e:
-            raise APIError(400, str(e), "invalid_value", param="messages") from None
+            raise APIError(400, str(e), "invalid_value", param=getattr(e, "param", None) or "messages") from None
+        return plan.prompt_ids, plan
 
     def lp_entry(tok_id, lp, top):
         tok = engine.tokenizer.decode([tok_id], skip_special_tokens=False)
@@ -451,22 +467,37 @@ def create_app(engine, settings: ServeSettings | None = None):
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         check_model(body.model)
         check_unsupported(body)
-        ids = encode_messages(body)
+        ids, plan = encode_messages(body)
         mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = sampling(body, mt, len(ids), "messages")
+        params = sampling(body, mt, len(ids), "messages", plan.grammar if plan else None)
+        tooling = plan is not None and plan.calls_tools
         k = (body.top_logprobs or 0) if body.logprobs else None
         req, q = submit(ids, params, body, logprobs=k)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": cid, "created": created, "model": model_id}
 
         if body.stream:
+            ts = ToolStream(plan) if tooling else None
+
             def choice(ev):
                 lp = {"content": [lp_entry(ev.token_id, ev.logprob, ev.top_logprobs)]} \
                     if k is not None and ev.token_id is not None else None
-                if not (ev.text or lp or ev.finish_reason):
+                if ts is None:
+                    deltas = [{"content": ev.text}] if ev.text else []
+                else:  # tool calls leave the content stream and come as tool_calls deltas
+                    deltas = ts.feed(ev.text) + (ts.finish() if ev.finish_reason else [])
+                if not (deltas or lp or ev.finish_reason):
                     return None
-                return {"index": 0, "delta": {"content": ev.text} if ev.text else {}, "logprobs": lp,
-                        "finish_reason": finish(ev.finish_reason) if ev.finish_reason else None}
+                reason = None
+                if ev.finish_reason:
+                    reason = "tool_calls" if ts is not None and ts.calls else finish(ev.finish_reason)
+                delta = {}
+                for d in deltas:  # one event's deltas merged: content joined, tool calls listed
+                    if "content" in d:
+                        delta["content"] = delta.get("content", "") + d["content"]
+                    else:
+                        delta.setdefault("tool_calls", []).extend(d["tool_calls"])
+                return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
 
             head = {**base, "object": "chat.completion.chunk", "choices": [
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
@@ -483,10 +514,12 @@ def create_app(engine, settings: ServeSettings | None = None):
                 return Response(status_code=499)
             raise failed(last)
         metrics.requests.labels(status="200").inc()
+        message = plan.message(text) if plan is not None else {"role": "assistant", "content": text}
+        reason = "tool_calls" if message.get("tool_calls") else last.finish_reason
         return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                "choices": [{"index": 0, "message": message,
                              "logprobs": {"content": lps} if k is not None else None,
-                             "finish_reason": last.finish_reason}],
+                             "finish_reason": reason}],
                 "usage": usage(last)}
 
     @app.post("/v1/completions")

@@ -42,6 +42,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict], None] = None
+    tool_calls: list[dict] | None = None  # assistant: the calls it made (arguments as a JSON string)
+    tool_call_id: str | None = None  # tool: the call this is the result of
+    name: str | None = None
 
 
 class ChatCompletionRequest(_Body):
@@ -49,6 +52,10 @@ class ChatCompletionRequest(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=-I32, le=I32)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict] | None = Field(default=None, max_length=128)
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None
 
 
 class CompletionRequest(_Body):
@@ -58,8 +65,8 @@ class CompletionRequest(_Body):
 
 # field -> the value that means "not used"; anything else is refused with 400
 UNSUPPORTED = {
-    "n": 1, "best_of": None, "echo": False, "suffix": None, "logit_bias": None, "tools": None, "tool_choice": None,
-    "functions": None, "function_call": None, "response_format": None, "presence_penalty": 0, "frequency_penalty": 0,
-    "parallel_tool_calls": None, "audio": None, "modalities": None, "prediction": None,
+    "n": 1, "best_of": None, "echo": False, "suffix": None, "logit_bias": None, "functions": None,
+    "function_call": None, "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "modalities": None,
+    "prediction": None,
 }
 IGNORED = {"user", "store", "metadata", "service_tier", "stream_options", "reasoning_effort"}

@@ -343,6 +343,20 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def cmd_agent(a) -> int:
+    from .agent import Agent, default_tools
+
+    names = [n.strip() for n in a.tools.split(",") if n.strip()]
+    if a.max_steps < 1:
+        raise InvalidParameterError("--max-steps must be at least 1")
+    tools = default_tools(names, db=a.db, docs=a.docs, unsafe_python=a.unsafe_python, sql_writable=a.sql_write)
+    eng = _engine(a)
+    out = Agent(eng, tools, max_steps=a.max_steps, max_tokens=a.max_tokens, log=a.log,
+                progress=not a.quiet).run(a.task)
+    print(json.dumps(out) if a.json else out["answer"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -473,6 +487,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--quiet", "-q", action="store_true")
     q.set_defaults(func=cmd_quantize)
+    ag = sub.add_parser("agent", help="solve a task with tools (python, sql, search): plan, act, observe, answer")
+    _add_model(ag)
+    ag.add_argument("--task", required=True, help="what to do")
+    ag.add_argument("--tools", default="python", help="comma-separated: python, sql, search, or registered tools")
+    ag.add_argument("--db", default=None, help="SQLite file for the sql tool (read-only unless --sql-write)")
+    ag.add_argument("--sql-write", action="store_true", help="let the sql tool write to the database")
+    ag.add_argument("--docs", default=None, help="directory of .txt/.md files for the search tool")
+    ag.add_argument("--max-steps", type=int, default=8)
+    ag.add_argument("--max-tokens", type=int, default=512, help="per step")
+    ag.add_argument("--json", action="store_true", help="print {answer, steps, tokens, seconds} as one JSON object")
+    ag.add_argument("--log", default=None, help="append every step and tool call as JSON lines to this file")
+    ag.add_argument("--unsafe-python", action="store_true",
+                    help="run the python tool without OS isolation where none is available (dangerous)")
+    ag.add_argument("--quiet", "-q", action="store_true")
+    ag.set_defaults(func=cmd_agent)
+
     return p
 
 

@@ -295,20 +295,20 @@ class MaskJob:
         self.future.result()
         idx = [i for _, i in self.rows]
         V = logits.shape[-1]
-        allowed = torch.from_numpy(
-            np.unpackbits(self.bits[idx].numpy().view(np.uint8), axis=1, bitorder="little")[:, :V].astype(bool))
-        for k, (c, _) in enumerate(self.rows):
+        bits = self.bits.numpy() if len(idx) == len(self.bits) else self.bits[idx].numpy()
+        allowed = torch.from_numpy(np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :V].view(bool))
+        out = logits.clone()
+        for k, (c, i) in enumerate(self.rows):
+            ok = allowed[k]
             if c.closing:
                 for tier in c.vocab.closing_tiers(c.scan.innermost):
-                    narrowed = allowed[k] & tier[:V]
+                    narrowed = ok & tier[:V]
                     if bool(narrowed.any()):
-                        allowed[k] = narrowed
+                        ok = narrowed
                         break
-        logits = logits.clone()
-        sub = logits[idx]
-        sub.masked_fill_(~allowed.to(sub.device), float("-inf"))
-        logits[idx] = sub
-        return logits
+            row = out[i]  # a view: rows are masked in place, with no gather or scatter of the batch
+            row.masked_fill_(~ok.to(row.device), float("-inf"))
+        return out
 
 
 def constraint_for(params, tokenizer, n_vocab: int, eos_ids) -> Constraint | None:

@@ -1,0 +1,149 @@
+"""The agent's tools (SQLite, BM25 search, plugins) and its loop on the tiny random model: every call the loop
+makes is valid for its tool (the grammar), bad arguments / tool exceptions / timeouts come back as observations
+and never escape, the JSON output and the JSON-lines log have the stated shape, and the CLI answers bad input
+with exit code 2."""
+
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+
+from openautoglm.agent import Agent, Tool, default_tools, tool
+from openautoglm.agent.tools import REGISTRY, SearchTool, SQLTool
+from openautoglm.errors import InvalidParameterError
+
+
+@pytest.fixture
+def db(tmp_path):
+    p = tmp_path / "shop.sqlite"
+    c = sqlite3.connect(p)
+    c.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT, total REAL)")
+    c.executemany("INSERT INTO orders VALUES (?, ?, ?)", [(i, f"c{i % 7}", i * 1.5) for i in range(1, 201)])
+    c.commit()
+    c.close()
+    return p
+
+
+def test_sql_answers_and_caps_rows(db):
+    q = SQLTool(db, max_rows=10)
+    out = json.loads(q("SELECT COUNT(*), SUM(total) FROM orders WHERE customer = 'c3'"))
+    ref = sqlite3.connect(db).execute("SELECT COUNT(*), SUM(total) FROM orders WHERE customer = 'c3'").fetchone()
+    assert out["rows"] == [list(ref)]
+    out = json.loads(q("SELECT id FROM orders ORDER BY id"))
+    assert [r[0] for r in out["rows"]] == list(range(1, 11)) and "truncated" in out
+
+
+def test_sql_is_read_only_unless_opted_in(db):
+    q = SQLTool(db)
+    for stmt in ["DELETE FROM orders", "DROP TABLE orders", "INSERT INTO orders VALUES (999, 'x', 1)",
+                 "CREATE TABLE t (x)", f"ATTACH DATABASE '{db.parent / 'new.db'}' AS m",
+                 "PRAGMA query_only = OFF", "PRAGMA writable_schema = ON"]:
+        assert q(stmt).startswith("[error")
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM orders").fetchone()[0] == 200
+    assert not (db.parent / "new.db").exists()
+    assert json.loads(q("PRAGMA table_info(orders)"))["rows"]  # reading the schema is fine
+    w = SQLTool(db, writable=True)
+    w("DELETE FROM orders WHERE id > 100")
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM orders").fetchone()[0] == 100
+
+
+def test_sql_statement_timeout(db):
+    q = SQLTool(db, timeout_s=0.5)
+    out = q("WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT COUNT(*) FROM r")
+    assert "limit" in out
+    assert json.loads(q("SELECT 1"))["rows"] == [[1]]  # usable after an interrupt
+
+
+def test_bm25_matches_the_formula(tmp_path):
+    docs = {"a.md": "the cat sat on the mat", "b.txt": "dogs and cats and more dogs", "c.md": "quantum cat dynamics"}
+    for k, v in docs.items():
+        (tmp_path / k).write_text(v)
+    s = SearchTool(tmp_path)
+    toks = {k: v.split() for k, v in docs.items()}
+    avg = sum(len(t) for t in toks.values()) / 3
+
+    def ref(doc, q):  # Okapi BM25, idf = ln(1 + (N - df + 0.5) / (df + 0.5))
+        out = 0.0
+        for w in q.split():
+            df = sum(w in t for t in toks.values())
+            f = toks[doc].count(w)
+            if f:
+                out += math.log(1 + (3 - df + 0.5) / (df + 0.5)) * f * 2.5 / (f + 1.5 * (0.25 + 0.75 * len(toks[doc]) / avg))
+        return out
+
+    names = [f for f, _ in s.passages]
+    for q in ("cat", "dogs", "cat dynamics", "mat"):
+        assert s.scores(q) == pytest.approx([ref(n, q) for n in names])
+    hits = json.loads(s("quantum cat"))
+    assert hits[0]["file"] == "c.md" and s("zebra") == "[no passage matches]"
+
+
+def test_plugins_register_by_decorator():
+    @tool("word_count_test", "Count words.", {"type": "object", "properties": {"text": {"type": "string"}},
+                                              "required": ["text"]})
+    def wc(text):
+        return str(len(text.split()))
+
+    try:
+        [t] = default_tools(["word_count_test"])
+        assert t.call(text="a b c") == "3" and t.spec()["function"]["name"] == "word_count_test"
+        with pytest.raises(InvalidParameterError, match="unknown tool"):
+            default_tools(["nope"])
+        with pytest.raises(InvalidParameterError, match="--db"):
+            default_tools(["sql"])
+    finally:
+        REGISTRY.pop("word_count_test", None)
+
+
+def test_agent_loop_on_a_random_model(tiny_engine, db, tmp_path):
+    """The random model calls tools at random; whatever it does, every call is valid for its tool's schema, a
+    failing or slow tool is an observation, the loop ends with an answer, and the log records each step."""
+    calls = []
+
+    def boom(x):
+        calls.append(("boom", x))
+        raise RuntimeError("tool exploded")
+
+    def echo(x):
+        calls.append(("echo", x))
+        return "x" * 5000  # longer than the observation cap
+
+    schema = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["x"], "additionalProperties": False}
+    tools = [Tool("boom", "Always fails.", schema, boom), Tool("echo", "Echoes.", schema, echo),
+             SQLTool(db).tool()]
+    log = tmp_path / "agent.jsonl"
+    for seed_task in ("Count the orders.", "What is the total of order 7?", "Find customer c3's orders."):
+        out = Agent(tiny_engine, tools, max_steps=3, max_tokens=96, log=log, progress=False).run(seed_task)
+        assert set(out) >= {"answer", "steps", "tokens", "seconds"} and isinstance(out["answer"], str)
+        assert len(out["steps"]) <= 3 and out["tokens"] > 0
+        for st in out["steps"]:
+            params = {t.name: t.parameters for t in tools}[st["tool"]]
+            jsonschema.validate(st["arguments"], params)
+            if st["tool"] == "boom":
+                assert st["observation"] == "[error: boom failed: RuntimeError: tool exploded]"
+            if st["tool"] == "echo":
+                assert st["observation"].endswith("[... cut]")
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["event"] for e in events].count("task") == 3 and [e["event"] for e in events].count("done") == 3
+    assert all(set(e) >= {"tool", "arguments", "observation"} for e in events if e["event"] == "step")
+
+
+def test_bad_arguments_become_observations(tiny_engine):
+    a = Agent(tiny_engine, [Tool("t", "x", {"type": "object", "properties": {"n": {"type": "integer"}},
+                                            "required": ["n"]}, lambda n: str(n))], progress=False)
+    assert a._call("t", {"n": "seven"}).startswith("[error: bad arguments for t")
+    assert a._call("missing", {}).startswith("[error: there is no tool")
+    assert a._call("t", {"n": 3}) == "3"
+
+
+def test_cli_agent_bad_input_exits_2(tmp_path):
+    for args in (["--tools", "sql"], ["--tools", "nope"], ["--tools", "search", "--docs", str(tmp_path / "x")],
+                 ["--max-steps", "0"]):
+        p = subprocess.run([sys.executable, "-m", "openautoglm.cli", "agent", "--task", "x", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr

@@ -5,7 +5,6 @@ connected, the machine still responsive), not merely that the code failed.
 Where this machine has no Landlock, the tool must refuse to run at all (that refusal is the containment); the
 attempts then run only under ``unsafe=True`` for the limits that hold without isolation (time, memory)."""
 
-import os
 import socket
 import threading
 import time

@@ -24,6 +24,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
+	# BFCL's data and AST checker for eval-tools; its declared dependencies are heavy and pin old versions
+	$(BIN)/pip install --quiet --no-deps 'bfcl-eval==2026.3.23'
 	touch $@
 
 install: $(VENV)/.installed

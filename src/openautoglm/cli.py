@@ -343,6 +343,28 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def cmd_eval_tools(a) -> int:
+    from .bench import tools_eval
+
+    cats = [c.strip() for c in a.categories.split(",") if c.strip()]
+    for c in cats:
+        if c not in tools_eval.CATEGORIES:
+            raise InvalidParameterError(f"unknown category {c!r} (one of {', '.join(tools_eval.CATEGORIES)})")
+    if a.limit is not None and a.limit < 1:
+        raise InvalidParameterError("--limit must be at least 1")
+    tools_eval.load(cats[0], 1)  # the data is there (bfcl-eval installed) before the model loads
+    eng = _engine(a)
+    out = tools_eval.run(eng, cats, constrained=a.constrained == "on", limit=a.limit, tool_choice=a.tool_choice,
+                         progress=not a.quiet)
+    out["model"] = a.model
+    if a.json:
+        print(json.dumps(out))
+    else:
+        for c, r in out["categories"].items():
+            print(f"{c:18s} {r['correct']}/{r['n']}  {r['accuracy']:.1f}%")
+    return 0
+
+
 def cmd_agent(a) -> int:
     from .agent import Agent, default_tools
 
@@ -487,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--quiet", "-q", action="store_true")
     q.set_defaults(func=cmd_quantize)
+    et = sub.add_parser("eval-tools", help="tool-calling accuracy on BFCL (AST checker), grammar on or off")
+    _add_model(et)
+    et.add_argument("--categories", default="simple_python,multiple,irrelevance")
+    et.add_argument("--constrained", choices=("on", "off"), default="on")
+    et.add_argument("--tool-choice", choices=("auto", "required"), default="auto")
+    et.add_argument("--limit", type=int, default=None, help="first N entries of each category")
+    et.add_argument("--json", action="store_true")
+    et.add_argument("--quiet", "-q", action="store_true")
+    et.set_defaults(func=cmd_eval_tools)
+
     ag = sub.add_parser("agent", help="solve a task with tools (python, sql, search): plan, act, observe, answer")
     _add_model(ag)
     ag.add_argument("--task", required=True, help="what to do")

@@ -187,7 +187,7 @@ class Engine:
         if c is None:
             return Generation(self.model, self.tokenizer, prompts, params, self.eos_ids if eos_ids is None else eos_ids)
         return Generation(c.runner, self.tokenizer, prompts, params, self.eos_ids if eos_ids is None else eos_ids,
-                          cache=c.cache, len_bucket=c.len_bucket)
+                          cache=c.cache, len_bucket=c.len_bucket, session=c.session if c.cache is not None else None)
 
     # ---- compression ---------------------------------------------------------------------------------
     def quantize(self, scheme: str = "int4", group_size: int = 32, method: str = "gptq",

@@ -224,3 +224,26 @@ def test_constrained_requests_on_the_compiled_step_equal_eager(engines):
         if sp.grammar is not None and got == alone:
             assert r.finish_reason == "stop"
             jsonschema.validate(json.loads(e0.tokenizer.decode(got)), schema)
+
+
+def test_prefix_reuse_on_the_compiled_step_equals_uncached(engines):
+    """Engine.generate on O2 twice with a shared prefix: the second re-reads only the tail, and gives the tokens
+    (and decodes on the compiled step) as the same prompt without reuse does."""
+    _, e2 = engines
+    a = e2.tokenizer.encode("Compilers turn programs into " * 6)
+    b = a + e2.tokenizer.encode(" and then they optimize them further", add_special_tokens=False)
+
+    def gen(ids, reuse):
+        if not reuse:
+            e2.compiled.session["ids"] = None
+        g = e2.new_generation([ids], e2._params(max_tokens=20, ignore_eos=True))
+        for _ in g:
+            pass
+        return g.sequences[0].out_ids, g.reused
+
+    calls = e2.compiled.runner.compiled_calls
+    want, _ = gen(b, reuse=False)
+    gen(a, reuse=False)
+    got, k = gen(b, reuse=True)
+    assert got == want and k >= len(a)
+    assert e2.compiled.runner.compiled_calls - calls >= 3 * 19  # every decode step ran compiled

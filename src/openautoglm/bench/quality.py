@@ -55,6 +55,7 @@ class OursScorer:
         if cache is None:
             cache = KVCache.for_model(self.engine.model, 1, n)
         else:  # the planned cache, at the attended length generation would use (the compiled step's bucket)
+            c.session["ids"] = None  # row 0 is rewritten here
             cache.select(None if cache.batch == 1 else torch.arange(1))
             cache.static_len = min(-(-n // c.len_bucket) * c.len_bucket, cache.max_len) if c.len_bucket else None
         out = []

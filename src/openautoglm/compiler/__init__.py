@@ -53,6 +53,9 @@ class Compiled:
     len_bucket: int | None = None
     compile_seconds: float = 0.0
     autotune: dict = field(default_factory=dict)
+    #: the tokens whose keys and values row 0 of ``cache`` holds after the last single-prompt generation
+    #: (``runtime.generate.Generation``'s prefix reuse); emptied by anything else that writes the cache
+    session: dict = field(default_factory=lambda: {"ids": None})
 
     def info(self) -> dict:
         return {"level": self.level, "passes": self.passes, "memory_plan": self.plan.to_dict() if self.plan else None,

@@ -111,11 +111,15 @@ class Generation:
 
     def __init__(self, model, tokenizer, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams,
                  eos_ids: set[int] | None = None, max_context: int | None = None, cache: KVCache | None = None,
-                 len_bucket: int | None = None):
+                 len_bucket: int | None = None, session: dict | None = None):
         """``cache``: a preallocated cache to run in when it is big enough (compiled engines plan one);
         ``len_bucket``: attend over a static number of slots, the context rounded up to this multiple, so a
-        compiled decode step sees one shape for the whole generation."""
-        self.cache, self.len_bucket = cache, len_bucket
+        compiled decode step sees one shape for the whole generation. ``session``: ``{"ids": [...]}``, the
+        tokens whose keys and values row 0 of ``cache`` holds from the previous generation; a single prompt
+        that starts with some of them prefills only the rest (a multi-turn chat or an agent re-reads nothing),
+        and the holder is updated for the next one (emptied while this one runs)."""
+        self.cache, self.len_bucket, self.session = cache, len_bucket, session
+        self.reused = 0  # prompt tokens whose keys and values came from the session
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts) or not prompts:
@@ -149,15 +153,27 @@ class Generation:
             need = -(-need // self.len_bucket) * self.len_bucket
             if fits:
                 need = min(need, cache.max_len)
+        cached = self.session.get("ids") if self.session is not None else None
+        if self.session is not None:
+            self.session["ids"] = None  # row 0 is about to change; recorded again at the end
         if cache is not None and cache.batch >= B and cache.max_len >= need:
             cache.select(None if cache.batch == B else torch.arange(B))
         else:
-            cache = KVCache.for_model(model, B, max_len=need)
+            cache, cached = KVCache.for_model(model, B, max_len=need), None
         cache.static_len = need if self.len_bucket else None
+        k = 0
+        if cached and B == 1:  # reuse the common prefix, leaving at least one prompt token to prefill
+            p = seqs[0].prompt_ids
+            n = min(len(cached), len(p) - 1)
+            while k < n and cached[k] == p[k]:
+                k += 1
+        self.reused = k
+        lens = lens - k
+        T -= k
         ids = torch.zeros(B, T, dtype=torch.long)
         for b, s in enumerate(seqs):
-            ids[b, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
-        positions = torch.arange(T).expand(B, T)
+            ids[b, : len(s.prompt_ids) - k] = torch.tensor(s.prompt_ids[k:])
+        positions = torch.arange(k, k + T).expand(B, T)
         params = [s.params for s in seqs]
         gens = [s.generator for s in seqs]
         penalized = any(p.repetition_penalty != 1 for p in params)
@@ -165,7 +181,7 @@ class Generation:
         with torch.inference_mode():
             masks = MaskJob([s.constraint for s in seqs])  # computed while the forward runs
             logits = model(ids.to(device), positions.to(device), cache, logits_at=(lens - 1).to(device))
-            pos = lens.clone()  # next write position per row
+            pos = lens + k  # next write position per row
             while True:
                 logits = masks.apply(logits)
                 next_ids = sample(logits, params, gens, [s.history for s in seqs] if penalized else None)
@@ -175,6 +191,8 @@ class Generation:
                         piece = advance(s, tok, self.eos_ids)
                         yield StreamEvent(b, piece, tok if len(s.out_ids) > n else None, s.finish_reason)
                 if all(s.finish_reason is not None for s in seqs):
+                    if self.session is not None and B == 1:  # the last token was sampled, never fed
+                        self.session["ids"] = seqs[0].prompt_ids + seqs[0].out_ids[:-1]
                     return
                 # finished rows keep running on their last position (no cache growth): the batch shape stays
                 # static and the live rows are unaffected

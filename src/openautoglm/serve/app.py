@@ -206,6 +206,7 @@ def _runner(engine) -> tuple:
     c = getattr(engine, "compiled", None)
     if c is None or c.level == "O0":
         return engine.model, None, None
+    c.session["ids"] = None  # the scheduler writes every row of the cache from now on
     return c.runner, c.cache, c.len_bucket
 
 

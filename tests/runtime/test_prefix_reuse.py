@@ -27,12 +27,12 @@ def _gen(e, ids, reuse=True, n=12, **kw):
 def test_growing_chat_reuses_and_equals_uncached(e1):
     tok = e1.tokenizer
     msgs = [{"role": "user", "content": "Tell me about the sea and the waves."}]
-    reused = []
+    reused, prev = [], None
     for turn in range(4):
         ids = tok.encode_chat(msgs)
         want, k0 = _gen(e1, ids, reuse=False)
         # run the previous turn again so the cache holds it, then this turn with reuse
-        if turn:
+        if prev is not None:
             _gen(e1, prev, reuse=False)
         got, k = _gen(e1, ids)
         assert got == want and k0 == 0, turn

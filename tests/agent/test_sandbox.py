@@ -171,3 +171,14 @@ def test_cannot_signal_or_trace_processes_outside(sb):
     finally:
         victim.kill()
         victim.wait()
+
+
+@needs_isolation
+def test_last_expression_is_printed_and_files_are_copies(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("original")
+    sb = PythonSandbox(timeout_s=4, files=[data])
+    assert sb.run("x = 6\nx * 7").stdout.strip() == "42"
+    assert sb.run("print('a')\nNone").stdout.strip() == "a"
+    r = sb.run("open('data.txt', 'a').write(' changed'); open('data.txt').read()")
+    assert r.stdout.strip() == "'original changed'" and data.read_text() == "original"

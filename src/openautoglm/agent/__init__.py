@@ -44,8 +44,9 @@ def default_tools(names, db: str | Path | None = None, docs: str | Path | None =
     load_entry_points()
     out = []
     for n in names:
-        if n == "python":
-            out.append(python_tool(timeout_s=python_timeout_s, unsafe=unsafe_python))
+        if n == "python":  # with the sql tool, the code can read (a copy of) the same database
+            files = [db] if db is not None and "sql" in names else []
+            out.append(python_tool(timeout_s=python_timeout_s, unsafe=unsafe_python, files=files))
         elif n == "sql":
             if db is None:
                 raise InvalidParameterError("the sql tool needs a database: --db FILE")

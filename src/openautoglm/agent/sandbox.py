@@ -63,9 +63,17 @@ class RunResult:
         return "\n".join(parts) if parts else "[no output]"
 
 
+# In the child: the CPU limit, then main.py run as a notebook cell would be: a last bare expression is printed.
 _PRELUDE = (
     "import resource as _r; _r.setrlimit(_r.RLIMIT_CPU, ({cpu}, {cpu})); del _r\n"
-    "_src = open('main.py').read(); exec(compile(_src, 'main.py', 'exec'), {{'__name__': '__main__'}})\n"
+    "import ast as _a\n"
+    "_t = _a.parse(open('main.py').read(), 'main.py')\n"
+    "_g = {{'__name__': '__main__'}}\n"
+    "_last = _t.body.pop() if _t.body and isinstance(_t.body[-1], _a.Expr) else None\n"
+    "exec(compile(_t, 'main.py', 'exec'), _g)\n"
+    "if _last is not None:\n"
+    "    _v = eval(compile(_a.Expression(_last.value), 'main.py', 'eval'), _g)\n"
+    "    if _v is not None: print(repr(_v))\n"
 )
 
 
@@ -99,10 +107,15 @@ def _readable() -> list[str]:
 
 
 class PythonSandbox:
-    """Runs code strings; one fresh work directory per run, removed after."""
+    """Runs code strings, each in a fresh work directory removed after; a last bare expression's value is
+    printed, as in a notebook cell."""
 
-    def __init__(self, timeout_s: float = 10.0, cpu_s: int = 10, memory_mb: int = 512, unsafe: bool = False):
+    def __init__(self, timeout_s: float = 10.0, cpu_s: int = 10, memory_mb: int = 512, unsafe: bool = False,
+                 files: list[str | Path] = ()):
+        """``files``: copied into each run's work directory (data the code may read, e.g. the agent's database:
+        a copy, so the original cannot be changed from inside)."""
         self.timeout_s, self.cpu_s, self.memory_mb, self.unsafe = timeout_s, cpu_s, memory_mb, unsafe
+        self.files = [Path(f) for f in files]
         why = isolation_available()
         if why is not None and not unsafe:
             raise SandboxUnavailableError(
@@ -113,6 +126,8 @@ class PythonSandbox:
     def run(self, code: str) -> RunResult:
         work = Path(tempfile.mkdtemp(prefix="oag-py-"))
         try:
+            for f in self.files:
+                shutil.copyfile(f, work / f.name)
             (work / "main.py").write_text(code)
             argv = [os.path.realpath(sys.executable), "-I", "-S", "-c", _PRELUDE.format(cpu=int(self.cpu_s))]
             t0 = time.monotonic()

@@ -63,12 +63,15 @@ def load_entry_points() -> None:
 
 
 # ---- python --------------------------------------------------------------------------------------------
-def python_tool(timeout_s: float = 10.0, memory_mb: int = 512, unsafe: bool = False) -> Tool:
+def python_tool(timeout_s: float = 10.0, memory_mb: int = 512, unsafe: bool = False, files=()) -> Tool:
     from .sandbox import PythonSandbox
 
-    sb = PythonSandbox(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb, unsafe=unsafe)
+    sb = PythonSandbox(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb, unsafe=unsafe,
+                       files=files)
+    have = "".join(f" The file {Path(f).name!r} is in the working directory." for f in files)
     return Tool("python", "Run Python 3 code in a sandbox (standard library only, no network, no files outside "
-                "its own temporary directory) and return what it prints. Use print() to see results.",
+                "its own temporary directory) and return what it prints; the value of a last bare expression "
+                "is printed too." + have,
                 {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"],
                  "additionalProperties": False},
                 lambda code: sb.run(code).observation())

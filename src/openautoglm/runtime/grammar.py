@@ -151,7 +151,7 @@ class Vocab:
             return cache[key]
 
 
-    def closing_tiers(self, what: str | None) -> list[torch.Tensor]:
+    def closing_tiers(self, what: str | None) -> list[np.ndarray]:
         """(n_vocab,) bool masks, most preferred first: the tokens that close ``what`` (``"``, ``]`` or ``}``:
         text made only of closing characters and blanks, starting with it; end-of-sequence tokens for None);
         then in a string each one-character part separator in turn, elsewhere ``,`` and then the tokens that
@@ -160,23 +160,19 @@ class Vocab:
             n = min(self.n_vocab, self.tokenizer.vocab_size)
             texts = [t.strip() for t in self.tokenizer.backend.decode_batch([[i] for i in range(n)],
                                                                           skip_special_tokens=True)]
-            by = {}
-            for ch in _CLOSERS:
-                ok = torch.zeros(self.n_vocab, dtype=torch.bool)
-                ok[:n] = torch.tensor([bool(t) and t[0] == ch and set(t) <= _CLOSING_TEXT for t in texts])
-                by[ch] = ok
-            eos = torch.zeros(self.n_vocab, dtype=torch.bool)
+            def mask(pred) -> np.ndarray:
+                m = np.zeros(self.n_vocab, dtype=bool)
+                m[:n] = [pred(t) for t in texts]
+                return m
+
+            by = {ch: mask(lambda t, ch=ch: bool(t) and t[0] == ch and set(t) <= _CLOSING_TEXT) for ch in _CLOSERS}
+            eos = np.zeros(self.n_vocab, dtype=bool)
             eos[[i for i in self.eos_ids if i < self.n_vocab]] = True
             by[None] = eos
-            sep, flat, solid = (torch.zeros(self.n_vocab, dtype=torch.bool) for _ in range(3))
-            sep[:n] = torch.tensor([t == "," for t in texts])
-            flat[:n] = torch.tensor([bool(t) and "[" not in t and "{" not in t for t in texts])
-            solid[:n] = torch.tensor([bool(t) for t in texts])
-            parts = []
-            for ch in _PARTS:
-                m = torch.zeros(self.n_vocab, dtype=torch.bool)
-                m[:n] = torch.tensor([t == ch for t in texts])
-                parts.append(m)
+            sep = mask(lambda t: t == ",")
+            flat = mask(lambda t: bool(t) and "[" not in t and "{" not in t)
+            solid = mask(bool)
+            parts = [mask(lambda t, ch=ch: t == ch) for ch in _PARTS]
             self._closers = by, sep, flat, parts, solid
         by, sep, flat, parts, solid = self._closers
         return [by[what], *parts, solid] if what == '"' else [by[what], sep, flat, solid]
@@ -289,26 +285,36 @@ class MaskJob:
             self.future = vocab.pool.submit(fill_masks, vocab, self.rows, self.bits)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` (B, V) with the disallowed tokens of constrained rows at -inf (a copy when any is)."""
+        """``logits`` (B, V) with the disallowed tokens of constrained rows at -inf, in place (the logits of a
+        step are consumed by its sampling alone) on host float32, else on a copy. numpy on one thread: torch's
+        small masked ops wake its thread pool, which costs more than the work on a loaded 2-core machine."""
         if self.future is None:
             return logits
         self.future.result()
         idx = [i for _, i in self.rows]
         V = logits.shape[-1]
         bits = self.bits.numpy() if len(idx) == len(self.bits) else self.bits[idx].numpy()
-        allowed = torch.from_numpy(np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :V].view(bool))
-        out = logits.clone()
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :V].view(bool)
+        host = logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+        out = logits if host else logits.float().cpu().contiguous()
+        arr = out.numpy()
         for k, (c, i) in enumerate(self.rows):
             ok = allowed[k]
             if c.closing:
                 for tier in c.vocab.closing_tiers(c.scan.innermost):
                     narrowed = ok & tier[:V]
-                    if bool(narrowed.any()):
+                    if narrowed.any():
                         ok = narrowed
                         break
-            row = out[i]  # a view: rows are masked in place, with no gather or scatter of the batch
-            row.masked_fill_(~ok.to(row.device), float("-inf"))
-        return out
+            row = arr[i]
+            if 2 * np.count_nonzero(ok) < V:  # few allowed (JSON structure): keep those
+                keep = np.flatnonzero(ok)
+                vals = row[keep]
+                row.fill(-np.inf)
+                row[keep] = vals
+            else:  # few disallowed (inside a string)
+                row[np.flatnonzero(~ok)] = -np.inf
+        return out if host else out.to(device=logits.device)
 
 
 def constraint_for(params, tokenizer, n_vocab: int, eos_ids) -> Constraint | None:

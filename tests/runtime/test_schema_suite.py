@@ -1,7 +1,7 @@
 """The 50-schema structured-output set (benchmarks/data/schemas50.json) under the grammar: every output parses,
 validates (``jsonschema`` with format checking) and ends on its own within the budget, on the tiny random model
-(greedy and sampled: a random model never closes anything unaided) and, marked slow, on SmolLM2-135M (a real
-small model that loops: "john_john_john..." in an e-mail, "A.A.A.A..." in a name). The Qwen models' runs are
+(greedy and sampled: a random model never closes anything unaided) and, marked slow, the schemas where
+SmolLM2-135M loops ("john_john_john..." in an e-mail, "A.A.A.A..." in a name) on SmolLM2. The Qwen models' runs are
 ``benchmarks/structured_output.py`` (BENCHMARKS.md)."""
 
 import json
@@ -44,10 +44,14 @@ def test_all_schemas_on_a_random_model(tiny_engine, sampled):
         _run(tiny_engine, CASES[k:k + 25], max_tokens=256, **kw)
 
 
+# the schemas SmolLM2 loops in without the closing steer (benchmarks/results/structured-smollm2-xeon.json: they
+# run to the reserve); the whole set on SmolLM2 is benchmarks/structured_output.py (BENCHMARKS.md)
+LOOPING = ["uuid_email", "book", "entities", "tree", "const", "top_array", "chat_turns", "invoice"]
+
+
 @pytest.mark.slow
-def test_all_schemas_on_smollm2(smollm2_path):
+def test_looping_schemas_on_smollm2(smollm2_path):
     from openautoglm import Engine
 
     eng = Engine(smollm2_path, progress=False)
-    for k in range(0, len(CASES), 25):
-        _run(eng, CASES[k:k + 25], max_tokens=512)
+    _run(eng, [c for c in CASES if c["name"] in LOOPING], max_tokens=512)

@@ -124,6 +124,8 @@ def test_agent_loop_on_a_random_model(tiny_engine, db, tmp_path):
         for st in out["steps"]:
             params = {t.name: t.parameters for t in tools}[st["tool"]]
             jsonschema.validate(st["arguments"], params)
+            if st["observation"].startswith("[you already called"):  # the loop guard (tested below)
+                continue
             if st["tool"] == "boom":
                 assert st["observation"] == "[error: boom failed: RuntimeError: tool exploded]"
             if st["tool"] == "echo":
@@ -147,3 +149,15 @@ def test_cli_agent_bad_input_exits_2(tmp_path):
         p = subprocess.run([sys.executable, "-m", "openautoglm.cli", "agent", "--task", "x", *args],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_a_repeated_call_is_not_run_again(tiny_engine):
+    """A random model, one tool with one possible argument: from the second call on, the observation is the
+    loop guard's, and the tool ran once."""
+    ran = []
+    t = Tool("ping", "Ping.", {"type": "object", "properties": {"x": {"enum": [1]}}, "required": ["x"],
+                               "additionalProperties": False}, lambda x: ran.append(x) or "pong")
+    out = Agent(tiny_engine, [t], max_steps=3, max_tokens=64, progress=False, plan=False).run("go")
+    pings = [s for s in out["steps"] if s["tool"] == "ping"]
+    assert len(ran) == min(1, len(pings))
+    assert all(s["observation"].startswith("[you already called ping") for s in pings[1:])

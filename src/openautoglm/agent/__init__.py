@@ -4,8 +4,8 @@ Each step is one grammar-constrained generation: first a plan (``response_format
 one tool call per step with ``tool_choice="required"`` over the tools and ``final_answer`` (the first step over
 the tools only: an answer comes after at least one observation), so every call is valid JSON for a declared
 tool's schema. A tool's result (or its error, a bad argument, a timeout: never an
-exception out of the loop) goes back to the model as the ``tool`` message of that call. After ``max_steps``
-calls the answer is forced (``final_answer`` named). Every step is logged as a JSON line (``log``), progress
+exception out of the loop) goes back to the model as the ``tool`` message of that call; a call repeated word
+for word is not run again, the model is told to change course. After ``max_steps`` calls the answer is forced (``final_answer`` named). Every step is logged as a JSON line (``log``), progress
 goes to stderr.
 
     from openautoglm import Engine
@@ -116,7 +116,7 @@ class Agent:
         t0 = time.monotonic()
         specs = [t.spec() for t in self.tools.values()] + [ANSWER.spec()]
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task}]
-        steps, tokens, answer, plan = [], 0, None, None
+        steps, tokens, answer, plan, seen = [], 0, None, None, {}
         self._log({"event": "task", "task": task, "tools": list(self.tools)})
         if self.plan:
             tools_list = ", ".join(self.tools) or "none"
@@ -157,7 +157,13 @@ class Agent:
                            "seconds": round(time.monotonic() - ts, 3)})
                 self._say(f"[answer] {answer}")
                 break
-            obs = self._call(name, args)
+            key = (name, json.dumps(args, sort_keys=True))
+            if key in seen:  # a small model repeats a failing call word for word: make it change course
+                obs = (f"[you already called {name} with exactly these arguments (step {seen[key]}), and its "
+                       "result is above; change the call, use another tool, or give the final answer]")
+            else:
+                seen[key] = len(steps) + 1
+                obs = self._call(name, args)
             rec = {"tool": name, "arguments": args, "observation": obs}
             steps.append(rec)
             self._log({"event": "step", "step": len(steps), **rec, "tokens": n,

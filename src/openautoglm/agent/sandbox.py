@@ -66,8 +66,11 @@ class RunResult:
 # In the child: the CPU limit, then main.py run as a notebook cell would be: a last bare expression is printed.
 _PRELUDE = (
     "import resource as _r; _r.setrlimit(_r.RLIMIT_CPU, ({cpu}, {cpu})); del _r\n"
-    "import ast as _a\n"
-    "_t = _a.parse(open('main.py').read(), 'main.py')\n"
+    "import ast as _a, sys as _s\n"
+    "try:\n"
+    "    _t = _a.parse(open('main.py').read(), 'main.py')\n"
+    "except SyntaxError as _e:\n"
+    "    import traceback as _tb; _s.stderr.write(''.join(_tb.format_exception_only(_e))); _s.exit(1)\n"
     "_g = {{'__name__': '__main__'}}\n"
     "_last = _t.body.pop() if _t.body and isinstance(_t.body[-1], _a.Expr) else None\n"
     "exec(compile(_t, 'main.py', 'exec'), _g)\n"

@@ -48,7 +48,7 @@ def test_parser_knows_every_subcommand():
     sub = next(a for a in p._actions if a.dest == "cmd")
     # exactly the product's subcommands (README), each with a handler and a help that exits 0
     assert set(sub.choices) == {"run", "chat", "info", "quantize", "eval", "bench", "serve", "pull", "models",
-                                "compile"}
+                                "compile", "eval-tools", "agent"}
     for name, sp in sub.choices.items():
         assert callable(sp.get_default("func")), name
         with pytest.raises(SystemExit) as e:

@@ -185,6 +185,7 @@ def test_compiled_step_reads_the_models_own_weights(tiny_engine_dir, oag_cache):
         for name, t in e.model.named_parameters():
             if ".layers." in name:
                 t.mul_(4.0)  # every decoder layer's weights, in place
+    e.compiled.session["ids"] = None  # keys and values cached under the old weights are stale (any prefix cache's rule)
     after = e.generate("Hello there", max_tokens=12, ignore_eos=True)[0].token_ids
     assert e.compiled.runner.compiled_calls - calls == 11
     assert after != before

@@ -54,7 +54,8 @@ class Compiled:
     compile_seconds: float = 0.0
     autotune: dict = field(default_factory=dict)
     #: the tokens whose keys and values row 0 of ``cache`` holds after the last single-prompt generation
-    #: (``runtime.generate.Generation``'s prefix reuse); emptied by anything else that writes the cache
+    #: (``runtime.generate.Generation``'s prefix reuse); emptied by anything else that writes the cache, and to be
+    #: emptied by whoever edits the weights in place (the cached keys and values are the old weights')
     session: dict = field(default_factory=lambda: {"ids": None})
 
     def info(self) -> dict:

@@ -106,9 +106,9 @@ def main(argv=None) -> int:
                "rows": rows}
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
     if a.json:
-        tmp = a.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        tmp.replace(a.json)
+        from openautoglm.host import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps(summary, indent=1) + "\n")
     return 0
 
 

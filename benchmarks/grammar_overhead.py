@@ -114,9 +114,9 @@ def main(argv=None) -> int:
         res[k + "_median_ratio"] = statistics.median(r["ratio"] for r in res[k])
     print(json.dumps({k: v for k, v in res.items() if k.endswith("ratio")}))
     if a.json:
-        tmp = a.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(a.json)
+        from openautoglm.host import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps(res, indent=1) + "\n")
     return 0
 
 

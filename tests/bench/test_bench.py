@@ -112,3 +112,18 @@ def test_bad_options():
     p = subprocess.run([sys.executable, "-m", "openautoglm.cli", "bench", "--prompt-tokens", "abc"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_trials_do_not_reuse_the_previous_prefill(tiny_engine_dir, oag_cache):
+    """Each timed trial prefills the whole prompt: a compiled engine's prefix record (single-prompt generations
+    reuse the previous one's common prefix) is dropped between trials, as llama.cpp's reset does."""
+    from openautoglm.bench.systems import Ours
+
+    s = Ours(str(tiny_engine_dir), "O1:fp32", threads=1, n_ctx=256)
+    ids = s.tokenizer.encode("The same prompt for every trial, as the bench runs it")
+    seen, make = [], s.engine.new_generation
+    s.engine.new_generation = lambda *a, **k: seen.append(make(*a, **k)) or seen[-1]  # observe each trial's run
+    for _ in range(3):
+        s.run(ids, 4, 1)
+        assert s.engine.compiled.session["ids"][: len(ids)] == ids  # the record the next trial must not use
+    assert [g.reused for g in seen] == [0, 0, 0]

@@ -95,6 +95,9 @@ class Ours:
         from ..runtime.sampler import SamplingParams
 
         p = SamplingParams(max_tokens=gen_tokens, ignore_eos=True)
+        c = getattr(self.engine, "compiled", None)
+        if c is not None:
+            c.session["ids"] = None  # no prefix reuse between trials (the peers reset theirs too)
         g = self.engine.new_generation([prompt_ids] * batch, p, eos_ids=set())
         t0 = time.perf_counter()
         t_first = None
@@ -103,6 +106,7 @@ class Ours:
                 t_first = time.perf_counter()
         t_end = time.perf_counter()
         assert all(len(s.out_ids) == gen_tokens for s in g.sequences)
+        assert g.reused == 0, "a trial reused a previous trial's prefill"
         return Timing(t_first - t0, t_end - t_first, len(prompt_ids), gen_tokens, batch)
 
 

@@ -35,7 +35,27 @@ def test_parse_glm4():
     assert parse("Just text.", TOOLS, glm4=True) == ("Just text.", [])
 
 
+def test_parse_untagged_calls_at_the_start():
+    """A reply that is only calls, in ```json fences or bare (Qwen2.5-Coder's habit), is calls; JSON that starts
+    later, trails text, or names an undeclared tool stays content."""
+    fenced = '```json\n{\n  "name": "add",\n  "arguments": {"a": 1, "b": 2}\n}\n```'
+    two = fenced + '\n\n```json\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n```\n'
+    for text, want in [(fenced, [("add", {"a": 1, "b": 2})]), ("  " + fenced.replace("json", "", 1), [("add", {"a": 1, "b": 2})]),
+                       ('{"name": "add", "arguments": {"a": 1, "b": 2}}', [("add", {"a": 1, "b": 2})]),
+                       (two, [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Rome"})])]:
+        content, calls = parse(text, TOOLS)
+        assert content is None and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                    for c in calls] == want, text
+    for text in ['Here: {"name": "add", "arguments": {"a": 1, "b": 2}}', fenced + " and that is it",
+                 fenced.replace('"add"', '"sub"'), '{"name": "add", "arguments": {"a": 1, "b": 2}', '{"city": "Rome"}']:
+        assert parse(text, TOOLS) == (text, []), text
+
+
 @pytest.mark.parametrize("text", [
+    '```json\n{\n  "name": "add",\n  "arguments": {"a": 1, "b": 2}\n}\n```',
+    '{"name": "get_weather", "arguments": {"city": "Rome"}}',
+    '```python\nprint(1)\n```',
+    '{"name": "sub", "arguments": {}} is not a tool',
     f'Sure.\n{OPEN}\n{{"name": "add", "arguments": {{"a": 1, "b": 2}}}}\n{CLOSE}\nDone.',
     f'{OPEN}\n{{"name": "add", "arguments": {{"a": 1, "b": 2}}}}\n{CLOSE}\n{OPEN}\n{{"name": "get_weather", '
     f'"arguments": {{"city": "Rome"}}}}\n{CLOSE}',
@@ -83,3 +103,42 @@ def test_required_grammar_accepts_exactly_well_formed_calls(smollm2_tokenizer_me
     assert accepts(good)
     for b in bad:
         assert not accepts(b), b
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_auto_grammar_takes_over_a_reply_that_starts_as_a_call(smollm2_tokenizer_meta, parallel):
+    """``auto``: free text, unless the reply starts as a call object (fenced or bare); from there the call
+    grammar constrains it (a declared tool, schema-valid arguments, the fence closed) and the reply ends
+    with it. Replayed token by token through the Constraint, with the matcher as the oracle."""
+    from openautoglm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_metadata(smollm2_tokenizer_meta)
+    vocab = Vocab.of(tok, tok.vocab_size, tok.eog_ids)
+    g = tool_grammar(TOOLS, "auto", parallel, tokenizer=tok)
+
+    def walk(text):
+        """(index of the token at which the constraint switched on or None, tokens the matcher refused,
+        whether the reply was ended by the grammar)."""
+        c, out, on, refused = Constraint(g, vocab), "", None, 0
+        for k, t in enumerate(tok.encode(text, add_special_tokens=False)):
+            if c.active:
+                refused += not c.matcher.validate_tokens([t])
+                if refused:
+                    return on, refused, False
+            out += tok.decode([t])
+            if c.advance(t, out):
+                return on, refused, True
+            if c.active and on is None:
+                on = k
+        return on, refused, False
+
+    call = '```json\n{\n  "name": "add",\n  "arguments": {"a": 1, "b": 2}\n}\n```'
+    on, refused, ended = walk(call)
+    assert on is not None and refused == 0 and ended is (not parallel)  # parallel: a second call may follow
+    assert walk('{"name": "get_weather", "arguments": {"city": "Oslo"}}')[:2][1] == 0
+    assert walk('{"name": "get_weather", "arguments": {"city": "Oslo"}}')[0] is not None
+    for bad in [call.replace('"add"', '"sub"'), call.replace('"b": 2', '"b": "2"'), call.replace("}\n```", "} trailing")]:
+        on, refused, _ = walk(bad)
+        assert on is not None and refused == 1, bad
+    for free in ['Sure: {"name": "sub", "arguments": {}}', '```python\nprint({"name": 1})\n```', '{"city": 1}']:
+        assert walk(free) == (None, 0, False), free

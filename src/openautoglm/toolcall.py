@@ -32,6 +32,11 @@ from .errors import InvalidParameterError
 from .runtime.grammar import JSON_OPTIONS, Grammar
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+# the start of a reply that is calls without the tags: blanks, then an optional ```json fence, then an object
+# whose first key is "name" (the match ends before the fence, where the call grammar takes over)
+LEAD = r'\s*(?=(?:```(?:json|JSON)?[ \t]*\n\s*)?\{\s*"name"\s*:)'
+_LEAD = re.compile(LEAD)
+_FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n")
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _WS = r"/[ \t\r\n]*/"
 
@@ -122,8 +127,13 @@ def tool_grammar(tools: list[dict], choice: str, parallel: bool = True, glm4: bo
         return Grammar.lark(start + "\n" + "\n".join(rules) + "\n")
     body = "body: %json " + json.dumps(_call_schema(tools)) + "\n"
     open_, close = _tag(tokenizer, OPEN), _tag(tokenizer, CLOSE)
-    if choice == "auto":  # lazy: what follows the model's own <tool_call>
-        return Grammar.lark(f"start: {_WS} body {_WS} {close}\n" + body, triggers=(OPEN,), once=not parallel)
+    if choice == "auto":  # lazy: what follows the model's own <tool_call>; or a reply that starts as calls
+        again = (lambda r: f" ({_WS} {r})*") if parallel else (lambda r: "")
+        lead = Grammar.lark(f"start: fenced | bare\nfenced: fcall{again('fcall')}\n"
+                            f'fcall: /```(json|JSON)?[ \\t]*\\n/ {_WS} body {_WS} "```"\n'
+                            f"bare: body{again('body')}\n" + body)
+        return Grammar.lark(f"start: {_WS} body {_WS} {close}\n" + body, triggers=(OPEN,), once=not parallel,
+                            lead=LEAD, lead_grammar=lead)
     more = ' ("\\n" call)*' if parallel and choice == "required" else ""  # a named tool: one call
     return Grammar.lark(f'start: call{more}\ncall: {open_} "\\n" body "\\n" {close}\n' + body)
 
@@ -212,6 +222,9 @@ def parse(text: str, tools: list[dict], glm4: bool = False) -> tuple[str | None,
             if isinstance(args, dict):
                 return None, [new_call(head.strip(), args)]
         return (text or None), []
+    lead = _lead_calls(text, names)
+    if lead:
+        return None, lead
     calls, content, pos = [], [], 0
     for m in re.finditer(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), text, re.S):
         try:
@@ -225,6 +238,60 @@ def parse(text: str, tools: list[dict], glm4: bool = False) -> tuple[str | None,
     content.append(text[pos:])
     body = "".join(content).strip()
     return (body or None), calls
+
+
+def _lead_calls(text: str, names: set[str]) -> list[dict] | None:
+    """The calls of a reply that is only calls, fenced (```json ... ```) or bare JSON objects; else None."""
+    if not _LEAD.match(text):
+        return None
+    t, pos, calls = text.strip(), 0, []
+    fenced = t.startswith("```")
+    dec = json.JSONDecoder()
+    while pos < len(t):
+        if fenced:
+            m = _FENCE.match(t, pos)
+            if not m:
+                return None
+            pos = m.end()
+        try:
+            obj, pos = dec.raw_decode(t, len(t) - len(t[pos:].lstrip()))
+        except ValueError:
+            return None
+        if not (isinstance(obj, dict) and obj.get("name") in names and isinstance(obj.get("arguments", {}), dict)):
+            return None
+        calls.append(new_call(obj["name"], obj.get("arguments", {})))
+        pos = len(t) - len(t[pos:].lstrip())
+        if fenced:
+            if not t.startswith("```", pos):
+                return None
+            pos = len(t) - len(t[pos + 3:].lstrip())
+    return calls or None
+
+
+def _may_lead(text: str) -> bool:
+    """Whether a reply that starts with ``text`` may still turn out to start as calls (see LEAD)."""
+    t = text.lstrip()
+    if t.startswith("```"):
+        rest = t[3:]
+        if any(w.startswith(rest) for w in ("json", "JSON")):
+            return True
+        rest = rest[4:] if rest[:4] in ("json", "JSON") else rest
+        rest = rest.lstrip(" \t")
+        if not rest:
+            return True
+        if rest[0] != "\n":
+            return False
+        t = rest[1:].lstrip()
+    elif "```".startswith(t):
+        return True
+    if not t:
+        return True
+    if t[0] != "{":
+        return False
+    u = t[1:].lstrip()
+    if len(u) <= len('"name"'):
+        return '"name"'.startswith(u)
+    return u.startswith('"name"') and not u[6:].strip()
 
 
 def _raise(msg: str):
@@ -277,12 +344,14 @@ class ChatPlan:
 
 class ToolStream:
     """Streams a reply as OpenAI chat deltas: content as it comes (holding back what may be the start of a
-    ``<tool_call>``), and each tool call as one ``tool_calls`` delta when its block closes. GLM-4 replies are
-    held to the end (a call there is only known from the whole reply)."""
+    ``<tool_call>``), and each tool call as one ``tool_calls`` delta when its block closes. GLM-4 replies, and
+    replies that start as untagged calls (``LEAD``), are held to the end (a call there is only known from the
+    whole reply)."""
 
     def __init__(self, plan: ChatPlan):
         self.plan, self.buf, self.calls = plan, "", 0
         self.started, self.ws = False, ""  # content emitted yet; blanks held until more content follows
+        self.lead = "text" if plan.glm4 else "maybe"  # the reply may start as untagged calls: held to the end
 
     def _content(self, text: str) -> list[dict]:
         """Content as :func:`parse` gives it: blanks at either end of the whole content dropped."""
@@ -298,7 +367,9 @@ class ToolStream:
 
     def feed(self, text: str) -> list[dict]:
         self.buf += text
-        if self.plan.glm4:
+        if self.lead == "maybe" and not _may_lead(self.buf):
+            self.lead = "call" if _LEAD.match(self.buf) else "text"
+        if self.plan.glm4 or self.lead != "text":
             return []
         out = []
         while True:
@@ -332,7 +403,11 @@ class ToolStream:
         rest, self.buf = self.buf, ""
         if not rest:
             return []
-        if self.plan.glm4:
-            content, calls = parse(rest, self.plan.tools, glm4=True)
+        if self.plan.glm4 or self.lead != "text":
+            content, calls = parse(rest, self.plan.tools, glm4=self.plan.glm4)
+            if self.lead != "text" and not calls:  # not calls after all: the text, as parse leaves it
+                self.lead = "text"
+                self.buf = rest
+                return self.feed("") + self.finish()
             return self._calls(calls) if calls else [{"content": content}] if content else []
         return self._content(rest)

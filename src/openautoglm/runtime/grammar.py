@@ -29,6 +29,7 @@ them). Where the grammar allows none of these the full mask applies.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +56,11 @@ class Grammar:
     triggers: tuple[str, ...] = ()
     #: With triggers: after the grammar completes once, end the output (no second match).
     once: bool = False
+    #: Lazy, at the start of the output only: once the output so far matches this regex (``re.match``, within
+    #: its first LEAD_WINDOW characters), ``lead_grammar`` constrains the output from the end of the match (the
+    #: text already written past it is fed to it), and the output ends when it completes.
+    lead: str = ""
+    lead_grammar: "Grammar | None" = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -62,6 +68,13 @@ class Grammar:
         object.__setattr__(self, "triggers", tuple(self.triggers))
         if any(not isinstance(t, str) or not t for t in self.triggers):
             raise InvalidParameterError("grammar triggers must be non-empty strings")
+        if bool(self.lead) != (self.lead_grammar is not None):
+            raise InvalidParameterError("a grammar's lead and lead_grammar go together")
+        if self.lead:
+            try:
+                _lead_re(self.lead)
+            except re.error as e:
+                raise InvalidParameterError(f"invalid lead pattern: {e}") from None
         compiled(self)  # raise now, on the caller's thread, for a bad schema or grammar
 
     @classmethod
@@ -116,6 +129,14 @@ def compiled(g: Grammar) -> str:
         what = {"json_schema": "JSON schema", "json": "JSON", "regex": "regex", "lark": "Lark grammar"}[g.kind]
         raise InvalidParameterError(f"the {what} cannot be enforced: {_one_line(err)}")
     return text
+
+
+@lru_cache(maxsize=64)
+def _lead_re(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+LEAD_WINDOW = 64  # characters of output within which a lead may still match
 
 
 def _one_line(s: str, n: int = 300) -> str:
@@ -225,13 +246,15 @@ class Constraint:
         self.completed = 0  # times the grammar matched to its end
         self.closing = False  # the row is near the end of its budget: close what is open
         self.scan, self.scanned_json = JsonScan(), 0  # what the constrained text has open; text scanned so far
-        if not grammar.triggers:
+        self.leading = bool(grammar.lead)  # the start of the output may still match the lead
+        self.led = False  # the lead matched: lead_grammar is (or was) the constraint
+        if not grammar.triggers and not grammar.lead:
             self._start()
 
-    def _start(self, leftover: str = "", at: int = 0) -> None:
+    def _start(self, leftover: str = "", at: int = 0, grammar: Grammar | None = None) -> None:
         llg = _llg()
         self.scan, self.scanned_json = JsonScan(), at
-        self.matcher = llg.LLMatcher(self.vocab.lltok, compiled(self.grammar), log_level=0)
+        self.matcher = llg.LLMatcher(self.vocab.lltok, compiled(grammar or self.grammar), log_level=0)
         if self.matcher.is_error():
             raise InvalidParameterError(f"the grammar cannot be enforced: {_one_line(self.matcher.get_error())}")
         if leftover:  # text the trigger's token carried past the trigger
@@ -256,7 +279,15 @@ class Constraint:
             self.completed += 1
             self.matcher = None
             self.scanned = len(text)
-            return not self.grammar.triggers or self.grammar.once
+            return not self.grammar.triggers or self.grammar.once or self.led
+        if self.leading and not self.completed:
+            m = _lead_re(self.grammar.lead).match(text)
+            if m:
+                self.leading, self.led = False, True
+                self._start(text[m.end():], m.end(), self.grammar.lead_grammar)
+                self.scanned = len(text)
+                return False
+            self.leading = len(text) <= LEAD_WINDOW
         if self.grammar.triggers and not (self.grammar.once and self.completed):
             for t in self.grammar.triggers:
                 i = text.find(t, max(0, self.scanned - len(t) + 1))

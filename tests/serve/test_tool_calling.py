@@ -101,6 +101,34 @@ def test_json_schema_response_format_validates(server):
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_of_tokens_the_grammar_rules_out(server, stream):
+    """top_logprobs wider than what the grammar allows: the ruled-out tokens (logprob -inf, which JSON cannot
+    carry) come back as -9999.0, as OpenAI and vLLM answer; every allowed one is finite. At the first step of
+    a JSON object only blanks and tokens starting with "{" are allowed (the oracle); greedy: the chosen token
+    is the top one."""
+    body = {"model": "default", "messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 3,
+            "temperature": 0, "response_format": {"type": "json_object"}, "logprobs": True, "top_logprobs": 20,
+            "stream": stream}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+        entries = [e for ch in chunks for e in ((ch["choices"][0].get("logprobs") or {}).get("content") or [])]
+    else:
+        entries = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(entries) == 3
+    for e in entries:
+        assert len(e["top_logprobs"]) == 20
+        assert e["token"] == e["top_logprobs"][0]["token"] and e["logprob"] == e["top_logprobs"][0]["logprob"]
+    first = entries[0]["top_logprobs"]
+    allowed = [t for t in first if t["logprob"] != -9999.0]
+    assert allowed and len(allowed) < 20, "the grammar allowed no token, or everything: nothing was tested"
+    assert all(t["token"].strip() == "" or t["token"].lstrip().startswith("{") for t in allowed)
+    assert all(-9999.0 < t["logprob"] <= 0 for t in allowed)
+
+
 def test_unenforceable_keyword_and_bad_tools_are_400(server):
     url = server.url + "/v1/chat/completions"
     rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": {

@@ -24,6 +24,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -74,6 +75,10 @@ class APIError(Exception):
 
 def _error_body(message: str, type_: str, code: str | None, param=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _finite_lp(v: float) -> float:
+    return v if math.isfinite(v) else -9999.0
 
 
 def _short(x, n: int = 64) -> str:
@@ -422,10 +427,12 @@ def create_app(engine, settings: ServeSettings | None = None):
         return plan.prompt_ids, plan
 
     def lp_entry(tok_id, lp, top):
+        """One token's logprobs entry. A token the grammar rules out has logprob -inf, which JSON cannot carry:
+        it is -9999.0, as in OpenAI's and vLLM's answers."""
         tok = engine.tokenizer.decode([tok_id], skip_special_tokens=False)
-        ent = {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+        ent = {"token": tok, "logprob": _finite_lp(lp), "bytes": list(tok.encode("utf-8"))}
         ent["top_logprobs"] = [
-            {"token": (t := engine.tokenizer.decode([i], skip_special_tokens=False)), "logprob": v,
+            {"token": (t := engine.tokenizer.decode([i], skip_special_tokens=False)), "logprob": _finite_lp(v),
              "bytes": list(t.encode("utf-8"))} for i, v in (top or [])]
         return ent
 

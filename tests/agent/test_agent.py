@@ -51,6 +51,14 @@ def test_sql_is_read_only_unless_opted_in(db):
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM orders").fetchone()[0] == 100
 
 
+def test_sql_error_on_a_guessed_name_shows_the_schema(db):
+    ddl = sqlite3.connect(db).execute("SELECT sql FROM sqlite_master WHERE name = 'orders'").fetchone()[0]
+    for bad in ["SELECT price FROM orders", "SELECT * FROM order_items"]:
+        out = SQLTool(db)(bad)
+        assert out.startswith("[error: no such") and ddl in out
+    assert ddl not in SQLTool(db)("SELEC 1")  # a syntax error is only the error
+
+
 def test_sql_statement_timeout(db):
     q = SQLTool(db, timeout_s=0.5)
     out = q("WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT COUNT(*) FROM r")

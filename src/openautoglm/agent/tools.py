@@ -123,6 +123,8 @@ class SQLTool:
         except sqlite3.OperationalError as e:
             if "interrupted" in str(e):
                 return f"[error: the query ran past the {self.timeout_s:g} s limit]"
+            if str(e).startswith(("no such column", "no such table")):  # the model guessed: show what there is
+                return f"[error: {e}]\nThe tables are:\n{self.schema()}"
             return f"[error: {e}]"
         except sqlite3.Error as e:
             return f"[error: {e}]"

@@ -169,3 +169,29 @@ def test_a_repeated_call_is_not_run_again(tiny_engine):
     pings = [s for s in out["steps"] if s["tool"] == "ping"]
     assert len(ran) == min(1, len(pings))
     assert all(s["observation"].startswith("[you already called ping") for s in pings[1:])
+
+
+def test_the_step_after_a_repeat_is_sampled(tiny_engine):
+    """The loop's own logic, with the model's replies scripted (the model is not under test here): ping, ping,
+    ping, answer. The tool runs once; the repeats get the guard's observation; the steps after a repeat are
+    sampled with a per-step seed, the others greedy."""
+    from openautoglm.agent import RESAMPLE
+    from openautoglm.toolcall import new_call
+
+    ran, seen = [], []
+    t = Tool("ping", "Ping.", {"type": "object", "properties": {"x": {"enum": [1]}}, "required": ["x"],
+                               "additionalProperties": False}, lambda x: ran.append(x) or "pong")
+
+    class Scripted(Agent):
+        script = [("ping", {"x": 1})] * 3 + [("final_answer", {"answer": "done"})]
+
+        def _generate(self, messages, sampling=None, **kw):
+            seen.append(sampling)
+            name, args = self.script[len(seen) - 1]
+            return {"role": "assistant", "content": None, "tool_calls": [new_call(name, args)]}, 5
+
+    out = Scripted(tiny_engine, [t], max_steps=5, progress=False, plan=False).run("go")
+    assert out["answer"] == "done" and ran == [1]
+    assert [s["observation"] for s in out["steps"]][0] == "pong"
+    assert all(s["observation"].startswith("[you already called ping") for s in out["steps"][1:])
+    assert seen == [None, None, {**RESAMPLE, "seed": 2}, {**RESAMPLE, "seed": 3}]

@@ -5,8 +5,10 @@ one tool call per step with ``tool_choice="required"`` over the tools and ``fina
 the tools only: an answer comes after at least one observation), so every call is valid JSON for a declared
 tool's schema. A tool's result (or its error, a bad argument, a timeout: never an
 exception out of the loop) goes back to the model as the ``tool`` message of that call; a call repeated word
-for word is not run again, the model is told to change course. After ``max_steps`` calls the answer is forced (``final_answer`` named). Every step is logged as a JSON line (``log``), progress
-goes to stderr.
+for word is not run again, the model is told to change course, and its next step is sampled (temperature 0.7,
+seeded) instead of greedy: greedy decoding on a nearly unchanged history tends to write the same call again.
+After ``max_steps`` calls the answer is forced (``final_answer`` named). Every step is logged as a JSON line
+(``log``), progress goes to stderr.
 
     from openautoglm import Engine
     from openautoglm.agent import Agent, default_tools
@@ -33,6 +35,7 @@ SYSTEM = ("You are a careful assistant that solves tasks with tools. Call one to
 ANSWER = Tool("final_answer", "Give the final answer to the task.",
               {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 2000}},
                "required": ["answer"], "additionalProperties": False}, lambda answer: answer)
+RESAMPLE = {"temperature": 0.7, "top_p": 0.95}  # the step after a repeated call
 PLAN = {"type": "object", "properties": {"plan": {"type": "array", "items": {"type": "string", "maxLength": 300},
                                                   "minItems": 1, "maxItems": 5}},
         "required": ["plan"], "additionalProperties": False}
@@ -85,11 +88,12 @@ class Agent:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(rec, default=str) + "\n")
 
-    def _generate(self, messages, **kw) -> tuple[dict, int]:
+    def _generate(self, messages, sampling: dict | None = None, **kw) -> tuple[dict, int]:
         from ..toolcall import ChatPlan
 
         plan = ChatPlan(self.engine.tokenizer, messages, **kw)
-        res = self.engine._generate([plan.prompt_ids], {"max_tokens": self.max_tokens, "grammar": plan.grammar})[0]
+        res = self.engine._generate([plan.prompt_ids], {"max_tokens": self.max_tokens, "grammar": plan.grammar,
+                                                        **(sampling or {})})[0]
         return plan.message(res.text), res.completion_tokens
 
     def _call(self, name: str, args: dict) -> str:
@@ -116,7 +120,7 @@ class Agent:
         t0 = time.monotonic()
         specs = [t.spec() for t in self.tools.values()] + [ANSWER.spec()]
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task}]
-        steps, tokens, answer, plan, seen = [], 0, None, None, {}
+        steps, tokens, answer, plan, seen, resample = [], 0, None, None, {}, False
         self._log({"event": "task", "task": task, "tools": list(self.tools)})
         if self.plan:
             tools_list = ", ".join(self.tools) or "none"
@@ -139,7 +143,8 @@ class Agent:
             choice = {"type": "function", "function": {"name": "final_answer"}} if last else "required"
             ts = time.monotonic()
             offered = specs if step or not self.tools else specs[:-1]  # act before answering
-            m, n = self._generate(msgs, tools=offered, tool_choice=choice, parallel_tool_calls=False)
+            sampling = {**RESAMPLE, "seed": step} if resample else None
+            m, n = self._generate(msgs, sampling, tools=offered, tool_choice=choice, parallel_tool_calls=False)
             tokens += n
             calls = m.get("tool_calls") or []
             if not calls:  # cannot happen under the grammar unless cut by max_tokens: answer with the text
@@ -153,12 +158,13 @@ class Agent:
                 args = {}
             if name == "final_answer":
                 answer = str(args.get("answer", ""))
-                self._log({"event": "answer", "answer": answer, "tokens": n,
+                self._log({"event": "answer", "answer": answer, "tokens": n, "resampled": resample,
                            "seconds": round(time.monotonic() - ts, 3)})
                 self._say(f"[answer] {answer}")
                 break
             key = (name, json.dumps(args, sort_keys=True))
-            if key in seen:  # a small model repeats a failing call word for word: make it change course
+            was_resampled, resample = resample, key in seen
+            if resample:  # a small model repeats a failing call word for word: make it change course
                 obs = (f"[you already called {name} with exactly these arguments (step {seen[key]}), and its "
                        "result is above; change the call, use another tool, or give the final answer]")
             else:
@@ -166,7 +172,7 @@ class Agent:
                 obs = self._call(name, args)
             rec = {"tool": name, "arguments": args, "observation": obs}
             steps.append(rec)
-            self._log({"event": "step", "step": len(steps), **rec, "tokens": n,
+            self._log({"event": "step", "step": len(steps), **rec, "tokens": n, "resampled": was_resampled,
                        "seconds": round(time.monotonic() - ts, 3)})
             self._say(f"[step {len(steps)}] {name}({json.dumps(args)[:200]}) -> {obs[:200]!r}")
             msgs.append({"role": "assistant", "content": None, "tool_calls": [c]})

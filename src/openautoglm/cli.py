@@ -356,7 +356,7 @@ def cmd_eval_tools(a) -> int:
     eng = _engine(a)
     out = tools_eval.run(eng, cats, constrained=a.constrained == "on", limit=a.limit, tool_choice=a.tool_choice,
                          progress=not a.quiet)
-    out["model"] = a.model
+    out["model"], out["optimize_level"] = a.model, eng.optimize_level
     if a.json:
         print(json.dumps(out))
     else:

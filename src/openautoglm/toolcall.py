@@ -36,14 +36,6 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # whose first key is "name" (the match ends before the fence, where the call grammar takes over)
 _LEAD_HEAD = r'\s*(?=(?:```(?:json|JSON)?[ \t]*\n\s*)?\{\s*"name"\s*:'
 _LEAD = re.compile(_LEAD_HEAD + ")")
-
-
-def lead_pattern(names: list[str]) -> str:
-    """The lead of ``auto``'s call grammar: as ``_LEAD``, up to a declared tool's whole name. A call to a tool
-    that does not exist stays content, as llama.cpp's trigger does: the grammar would otherwise turn a
-    hallucinated call into a call to a declared tool (BFCL irrelevance, Qwen2.5-Coder-1.5B: 52% free, 8% with
-    the lead at "name":)."""
-    return _LEAD_HEAD + r'\s*"(?:' + "|".join(re.escape(n) for n in names) + ')")'
 _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n")
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _WS = r"/[ \t\r\n]*/"
@@ -118,6 +110,14 @@ def _tag(tokenizer, text: str) -> str:
     only as tokens, ``<[id]>``), else the literal text."""
     i = tokenizer.backend.token_to_id(text) if tokenizer is not None else None
     return f"<[{i}]>" if i is not None else json.dumps(text)
+
+
+def lead_pattern(names: list[str]) -> str:
+    """The lead of ``auto``'s call grammar: as ``_LEAD``, up to a declared tool's whole name. A call to a tool
+    that does not exist stays content, as llama.cpp's trigger does: the grammar would otherwise turn a
+    hallucinated call into a call to a declared tool (BFCL irrelevance, Qwen2.5-Coder-1.5B: 52% free, 8% with
+    the lead at "name":)."""
+    return _LEAD_HEAD + r'\s*"(?:' + "|".join(re.escape(n) for n in names) + ')")'
 
 
 def tool_grammar(tools: list[dict], choice: str, parallel: bool = True, glm4: bool = False,

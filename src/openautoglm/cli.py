@@ -287,7 +287,7 @@ def cmd_serve(a) -> int:
                        kv_budget_mb=a.kv_budget_mb, request_timeout=a.timeout, prefill_chunk=a.prefill_chunk,
                        max_body_bytes=int(a.max_body_mb * 2**20), max_prompt_tokens=a.max_prompt_tokens,
                        max_tokens_cap=a.max_tokens_cap, max_streams_per_key=a.max_streams_per_key,
-                       watchdog_s=a.watchdog_s)
+                       watchdog_s=a.watchdog_s, prefix_cache=a.prefix_cache)
     if a.access_log != "off":
         h = logging.StreamHandler(sys.stderr) if a.access_log == "-" else logging.FileHandler(a.access_log)
         h.setFormatter(logging.Formatter("%(message)s"))
@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent requests per API key, with keys (default: 32; 0 = no limit)")
     v.add_argument("--watchdog-s", type=float, default=30.0,
                    help="no progress this long with work pending turns /health to 503 (default: 30)")
+    v.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the keys and values of prompt prefixes shared with earlier or running requests "
+                        "(default: on)")
     v.add_argument("--access-log", default="-", help="Common Log Format access log: a file, - (stderr) or off")
     v.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="runtime dtype of weights and activations (bf16: half the memory, faster GEMMs)")

@@ -117,8 +117,9 @@ def test_rows_moved_and_traded_keep_each_requests_context(engines):
     its tokens alone (a row moved without its context would not)."""
     e0, e2 = engines
     c = e2.compiled
+    # the prefix cache off: this scenario is built on requests taking the lowest free row
     sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN, prefill_chunk=16,
-                      cache=c.cache, len_bucket=c.len_bucket)
+                      cache=c.cache, len_bucket=c.len_bucket, prefix_cache=False)
     g = torch.Generator().manual_seed(0)
     ids = {k: torch.randint(3, 1000, (n,), generator=g).tolist() for k, n in
            {"A": 5, "B": 5, "C": 5, "D": 5, "E": 60}.items()}
@@ -151,6 +152,26 @@ def test_rows_moved_and_traded_keep_each_requests_context(engines):
         _agree_but_ties(e0, ids[k], _alone(e0, ids[k], want[k]), out[k])
         _logprobs_match(e0, ids[k], out[k], lps[k])
     assert sched.row_moves >= 1 and sched.row_swaps >= 1, (sched.row_moves, sched.row_swaps)
+    assert sched.compiled_steps > 0
+
+
+def test_a_shared_prefix_on_the_compiled_step_equals_each_request_alone(engines):
+    """The prefix cache on O2: six requests on one 64-token prefix over four rows; all but the first copy the
+    prefix (from a running row or a kept one) and prefill only their tails, the rows move to decode on the
+    compiled step, and each request gives its tokens alone on O0 (up to a near-tie), with O0's log-probabilities."""
+    e0, e2 = engines
+    c = e2.compiled
+    g = torch.Generator().manual_seed(1)
+    P = torch.randint(3, 1000, (64,), generator=g).tolist()
+    prompts = [P + [1000 + i] + torch.randint(3, 1000, (2 + 3 * i,), generator=g).tolist() for i in range(6)]
+    sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN, prefill_chunk=16,
+                      cache=c.cache, len_bucket=c.len_bucket)
+    max_tokens = [30, 8, 20, 12, 25, 6]
+    served, lps = _serve(sched, prompts, max_tokens)
+    assert sched.cached_tokens == 5 * 64
+    for ids, n, got, lp in zip(prompts, max_tokens, served, lps):
+        _agree_but_ties(e0, ids, _alone(e0, ids, n), got)
+        _logprobs_match(e0, ids, got, lp)
     assert sched.compiled_steps > 0
 
 

@@ -16,6 +16,16 @@ attends over their longest context rounded up to the bucket. A bucket whose step
 machine (beyond the warmed-up lengths), or a plan smaller than the server's, decodes eager; prefill always runs
 the eager model (its GEMMs are large) on the same cache.
 
+Prefix caching (on unless ``prefix_cache=False``), as llama-server's slots and SGLang's radix cache do it over
+rows: a cache row keeps the keys and values of the tokens it was given (prompt and generated) after its request
+leaves, until the row is needed again. A new request takes the free row whose kept tokens share the longest
+prefix with its prompt (else an empty row, else the least recently freed one), and before its first prefill
+chunk it copies a longer shared prefix from any other row (running or kept) when there is one, so it prefills
+only the rest; at least the prompt's last token is always computed, for its logits. A request whose prompt
+shares more with an older request still prefilling waits for that one to write it (by at least
+``PREFIX_WAIT_MIN`` tokens) instead of computing the same keys twice: 16 requests on one long system prompt
+prefill it once. ``Request.cached`` counts a request's prompt tokens that came from the cache.
+
 Faults: an exception in a step's batched forward or sampling re-runs that step's rows one by one (rewriting
 the same cache positions is harmless), so a fault that belongs to one request fails that request alone
 (``finish_reason="error"``) and a transient fault fails nobody (a sampled row of a re-run step draws again from
@@ -60,6 +70,8 @@ class ShuttingDownError(OpenAutoGLMError):
 
 log = logging.getLogger("openautoglm.scheduler")
 
+PREFIX_WAIT_MIN = 16  # a request waits for an older one's prefill only to reuse at least this many more tokens
+
 
 @dataclass
 class Event:
@@ -73,6 +85,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # with finish_reason "error": one line for the client (no traceback, no prompt)
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -97,6 +110,9 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     constraint: object = None  # runtime.grammar.Constraint of a request with a grammar
+    fed: int = 0  # generated tokens whose keys and values its cache row holds (decode steps committed)
+    cached: int = 0  # prompt tokens taken from the prefix cache instead of computed
+    matched: bool = False  # the prefix cache was consulted (before the first prefill chunk)
 
     @property
     def max_new(self) -> int:
@@ -112,18 +128,22 @@ class Scheduler:
                  max_len: int | None = None, prefill_chunk: int = 512, kv_budget_tokens: int | None = None,
                  aging_s: float = 5.0, on_metrics: Callable | None = None, max_failures: int = 3,
                  failure_window_s: float = 60.0, cache: KVCache | None = None, len_bucket: int | None = None,
-                 on_idle: Callable[["Scheduler"], None] | None = None):
+                 on_idle: Callable[["Scheduler"], None] | None = None, prefix_cache: bool = True):
         """``model``: what runs the forwards, the eager model or a compiled runner (``CompiledLM``). ``cache``:
         the runner's planned cache (at least ``max_batch`` rows of ``max_len``), else one is allocated.
         ``len_bucket``: decode steps attend over the context rounded up to this multiple, so that a compiled
         runner's step for that length runs them (its rows kept at cache rows 0..B-1, see :meth:`_compact`).
         ``on_idle``: called on the scheduler thread while nothing is queued or running (a safe point to
-        :meth:`rebind` to a faster runner)."""
+        :meth:`rebind` to a faster runner). ``prefix_cache``: reuse the keys and values of shared prompt prefixes
+        (see the module's docstring)."""
         self.tok, self.eos_ids = tokenizer, set(eos_ids)
         ctx = model.config.max_position_embeddings
         self.max_len = min(max_len or ctx, ctx)
         self.max_batch, self.max_queue, self.chunk, self.aging_s = max_batch, max_queue, prefill_chunk, aging_s
         self.kv_budget_tokens = kv_budget_tokens or max_batch * self.max_len
+        self.prefix_cache = prefix_cache
+        self.kept: dict[int, list[int]] = {}  # free cache row -> the tokens whose keys/values it holds from slot 0
+        self.kept_at: dict[int, float] = {}  # when that row was freed (the least recently freed is reused first)
         self.rebind(model, cache, len_bucket)
         self.on_idle = on_idle
         self.queue: list[Request] = []
@@ -142,6 +162,7 @@ class Scheduler:
         self.last_progress = time.monotonic()  # end of the last step (or idle tick): the watchdog's clock
         self.compiled_steps = 0  # decode steps the compiled runner ran (the rest ran eager)
         self.row_moves = self.row_swaps = 0  # cache rows moved / traded to keep decoding rows at 0..D-1
+        self.prompt_tokens = self.cached_tokens = 0  # prompt tokens of matched requests, and those from the cache
 
     def rebind(self, model, cache: KVCache | None = None, len_bucket: int | None = None) -> None:
         """Run on ``model`` over ``cache`` from now on. Only while idle (no request holds a cache row)."""
@@ -153,6 +174,8 @@ class Scheduler:
         self.model, self.len_bucket = model, len_bucket
         self.cache = cache if cache is not None else KVCache.for_model(model, self.max_batch, self.max_len)
         self.cache.static_len = None
+        self.kept.clear()  # a new cache holds nothing
+        self.kept_at.clear()
         self.bytes_per_token = self.cache.nbytes // (self.cache.batch * self.cache.max_len)
         self.device = model_device(model)
 
@@ -262,6 +285,8 @@ class Scheduler:
             self._admit(now)
             running = list(self.running)
         prefilling = sorted((r for r in running if r.prefilled < len(r.prompt_ids)), key=lambda r: r.arrival)
+        if self.prefix_cache:
+            prefilling = [r for r in prefilling if r.matched or self._match(r, prefilling)]
         if prefilling:
             budget, batch = self.chunk, []
             for r in prefilling:  # oldest first, up to `chunk` prompt tokens per step in all
@@ -292,6 +317,7 @@ class Scheduler:
             slot = self.free_slots[0] if self.free_slots else None
         if slot is None:
             return False
+        self._forget(slot)
         try:
             self.cache.select(torch.tensor([slot], device=self.device))
             with torch.inference_mode():
@@ -335,7 +361,7 @@ class Scheduler:
             self._free(r)
         msg = "the server hit an internal error while generating this request; it was aborted"
         self._send(r, Event("", finish_reason="error", prompt_tokens=len(r.prompt_ids),
-                            completion_tokens=len(r.out_ids), error=msg))
+                            completion_tokens=len(r.out_ids), cached_tokens=r.cached, error=msg))
 
     def _send(self, r: Request, ev: Event) -> None:
         try:
@@ -358,24 +384,82 @@ class Scheduler:
             if not self.free_slots or self.reserved + r.reservation > self.kv_budget_tokens:
                 break
             self.queue.remove(r)
-            r.slot = self.free_slots.pop(0)
+            r.slot = self._pick_row(r) if self.prefix_cache else self.free_slots[0]
+            self.free_slots.remove(r.slot)
             self.reserved += r.reservation
             self.running.append(r)
 
+    def _pick_row(self, r: Request) -> int:
+        """The free row for r: the one whose kept tokens share the longest prefix with r's prompt (r starts
+        after that prefix, in place), else an empty row, else the least recently freed. Caller holds the lock."""
+        cap = len(r.prompt_ids) - 1
+        best, n = None, 0
+        for s in self.free_slots:
+            k = _common(self.kept.get(s, ()), r.prompt_ids, cap)
+            if k > n:
+                best, n = s, k
+        if best is None:
+            empty = [s for s in self.free_slots if s not in self.kept]
+            best = empty[0] if empty else min(self.free_slots, key=self.kept_at.__getitem__)
+        self._forget(best)
+        r.prefilled = r.cached = n
+        return best
+
+    def _forget(self, slot: int) -> None:
+        """Row ``slot`` is about to be written: it keeps nothing any more."""
+        self.kept.pop(slot, None)
+        self.kept_at.pop(slot, None)
+
+    @staticmethod
+    def _content(r: Request) -> list[int]:
+        """The tokens whose keys and values r's cache row holds, from slot 0."""
+        return r.prompt_ids[: r.prefilled] + r.out_ids[: r.fed]
+
+    def _match(self, r: Request, prefilling: list[Request]) -> bool:
+        """Before r's first prefill chunk: copy the longest prefix of its prompt that another row holds (running
+        or kept) into r's row, and skip what it covers. False (r waits this step) when an older request still
+        prefilling will write a longer shared prefix (by ``PREFIX_WAIT_MIN`` tokens or more) soon."""
+        cap = len(r.prompt_ids) - 1  # the last prompt token is always computed: its logits give the first token
+        with self.lock:
+            sources = [(o.slot, self._content(o)) for o in self.running if o is not r and o.finish_reason is None]
+            sources += list(self.kept.items())
+        src, n = None, r.prefilled
+        for slot, ids in sources:
+            k = _common(ids, r.prompt_ids, cap)
+            if k > n:
+                src, n = slot, k
+        for o in prefilling:  # sorted by arrival: the older ones come first
+            if o is r:
+                break
+            if _common(o.prompt_ids, r.prompt_ids, cap) >= n + PREFIX_WAIT_MIN:
+                return False
+        if src is not None:
+            self.cache.move_row(src, r.slot, n)
+            r.prefilled = r.cached = n
+        r.matched = True
+        self.prompt_tokens += len(r.prompt_ids)
+        self.cached_tokens += r.cached
+        self.on_metrics(None, prompt_tokens=len(r.prompt_ids), cached_tokens=r.cached)
+        return True
+
     def _free(self, r: Request) -> None:
-        """Give back r's cache row and reservation. Caller holds the lock."""
+        """Give back r's cache row and reservation; the row keeps r's tokens for the prefix cache unless r
+        failed (its row may hold a half-written step). Caller holds the lock."""
         if r in self.running:
             self.running.remove(r)
             self.free_slots.append(r.slot)
             self.free_slots.sort()
             self.reserved -= r.reservation
+            if self.prefix_cache and r.finish_reason != "error" and (r.prefilled or r.fed):
+                self.kept[r.slot] = self._content(r)
+                self.kept_at[r.slot] = time.monotonic()
 
     def _finish(self, r: Request, reason: str) -> None:
         """End r from outside the token path (cancelled, timeout). Caller holds the lock."""
         r.finish_reason = reason
         self._free(r)
         self._send(r, Event(_release(r, final=True), finish_reason=reason, prompt_tokens=len(r.prompt_ids),
-                            completion_tokens=len(r.out_ids)))
+                            completion_tokens=len(r.out_ids), cached_tokens=r.cached))
 
     def _prefill_forward(self, batch: list[tuple[Request, int]]) -> list[torch.Tensor]:
         """One forward over the next ``n`` prompt tokens of each request, right-padded to a common length;
@@ -421,11 +505,15 @@ class Scheduler:
             for r, s in zip(stray, targets):
                 other = by_slot.get(s)
                 if other is None:
+                    self._forget(s)
                     self.cache.move_row(r.slot, s, self._written(r))
                     self.row_moves += 1
                     self.free_slots.remove(s)
                     self.free_slots.append(r.slot)
                     self.free_slots.sort()
+                    if self.prefix_cache:  # the row left behind still holds a copy of r's tokens
+                        self.kept[r.slot] = self._content(r)
+                        self.kept_at[r.slot] = time.monotonic()
                 else:
                     self.cache.swap_rows(r.slot, s, max(self._written(r), self._written(other)))
                     self.row_swaps += 1
@@ -463,6 +551,7 @@ class Scheduler:
         return [(int(toks[i]), None if lps is None else lps[i]) for i in range(len(rs))]
 
     def _emit_sampled(self, r: Request, res: tuple[int, torch.Tensor | None]) -> None:
+        r.fed = len(r.out_ids)  # the step wrote the keys and values of r's last token
         self._emit(r, *res)
 
     def _take(self, r: Request, logits: torch.Tensor) -> None:
@@ -492,7 +581,7 @@ class Scheduler:
             r.next_input = tok
             self.on_metrics(None, token=True, itl=itl)
         ev = Event(piece, tok if appended else None, logprob if appended else None, top if appended else None,
-                   r.finish_reason, len(r.prompt_ids), len(r.out_ids))
+                   r.finish_reason, len(r.prompt_ids), len(r.out_ids), cached_tokens=r.cached)
         if r.finish_reason:
             with self.lock:
                 self._free(r)
@@ -509,6 +598,16 @@ class Scheduler:
                 r.cancelled = True
         self.wake.set()
 
+
+
+def _common(a, b, cap: int) -> int:
+    """Length of the common prefix of token lists a and b, at most ``cap``."""
+    n = 0
+    for x, y in zip(a, b):
+        if n >= cap or x != y:
+            break
+        n += 1
+    return n
 
 
 def _req(item) -> Request:

@@ -65,6 +65,7 @@ class ServeSettings:
     watchdog_s: float = 30.0  # no scheduler progress this long with work pending: /health answers 503
     max_failures: int = 3  # failed steps within failure_window_s that make the scheduler give up
     failure_window_s: float = 60.0
+    prefix_cache: bool = True  # reuse the keys and values of prompt prefixes shared with earlier requests
 
 
 class APIError(Exception):
@@ -190,8 +191,12 @@ class Metrics:
         self.ttft = Histogram("openautoglm_time_to_first_token_seconds", "Time to first token", buckets=buckets, registry=r)
         self.itl = Histogram("openautoglm_inter_token_latency_seconds", "Time between tokens", buckets=buckets, registry=r)
         self.tokens = Counter("openautoglm_generated_tokens_total", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("openautoglm_prompt_tokens_total", "Prompt tokens of admitted requests",
+                                     registry=r)
+        self.cached_tokens = Counter("openautoglm_prefix_cache_hit_tokens_total",
+                                     "Prompt tokens whose keys and values came from the prefix cache", registry=r)
 
-    def __call__(self, stats=None, ttft=None, token=False, itl=None):
+    def __call__(self, stats=None, ttft=None, token=False, itl=None, prompt_tokens=0, cached_tokens=0):
         if stats is not None:
             self.queue.set(stats["queue_depth"])
             self.running.set(stats["running"])
@@ -203,6 +208,9 @@ class Metrics:
             self.tokens.inc()
         if itl is not None:
             self.itl.observe(itl)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+            self.cached_tokens.inc(cached_tokens)
 
 
 def _runner(engine) -> tuple:
@@ -236,7 +244,7 @@ def create_app(engine, settings: ServeSettings | None = None):
     sched = Scheduler(runner, engine.tokenizer, engine.eos_ids, max_batch=st.max_batch, max_queue=st.max_queue,
                       max_len=st.max_len, prefill_chunk=st.prefill_chunk, aging_s=st.aging_s, on_metrics=metrics,
                       max_failures=st.max_failures, failure_window_s=st.failure_window_s, cache=cache,
-                      len_bucket=len_bucket, on_idle=_switch_when_built(engine))
+                      len_bucket=len_bucket, on_idle=_switch_when_built(engine), prefix_cache=st.prefix_cache)
     if st.kv_budget_mb:
         budget = int(st.kv_budget_mb * 2**20 // sched.bytes_per_token)
         sched.kv_budget_tokens = budget
@@ -457,7 +465,8 @@ def create_app(engine, settings: ServeSettings | None = None):
 
     def usage(ev: Event) -> dict:
         return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+                "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": ev.cached_tokens}}
 
     def finish(reason):
         return reason if reason in ("stop", "length", "error") else "stop"
@@ -578,6 +587,7 @@ def create_app(engine, settings: ServeSettings | None = None):
         tot = {"prompt_tokens": sum(l.prompt_tokens for _, l in outs),
                "completion_tokens": sum(l.completion_tokens for _, l in outs)}
         tot["total_tokens"] = tot["prompt_tokens"] + tot["completion_tokens"]
+        tot["prompt_tokens_details"] = {"cached_tokens": sum(l.cached_tokens for _, l in outs)}
         return {**base, "object": "text_completion",
                 "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": l.finish_reason}
                             for i, (t, l) in enumerate(outs)],

@@ -3,7 +3,8 @@
 
 Each level of concurrency C runs C clients; each sends ``--requests`` streaming completions one after the
 other (greedy, ``--max-tokens`` new tokens), each with its own ``--prompt-tokens`` slice of real text from
-pydoc_data.topics, so neither server can serve a prompt from a cached prefix. We record the
+pydoc_data.topics, so neither server can serve a prompt from a cached prefix (``--shared-prefix N`` puts one
+common N-token prefix, a system prompt, before every request's own text: the prefix-caching workload). We record the
 aggregate generated tokens per second over the level's wall time, and the p50/p99 of time to first token and
 of inter-token latency (gaps between streamed chunks). Both servers are started here, on loopback, and stopped
 at the end.
@@ -13,7 +14,11 @@ at the end.
 Our server runs with its defaults (``--opt auto``: build O3 for ``--max-batch`` rows of ``--max-len`` first with
 ``openautoglm compile -m MODEL --max-batch 16 --max-len 1024``, or the run measures O1 beside a background
 build). ``llama-server`` gets ``-np <max concurrency> -c <that x --max-len> -t <threads>``. ``ignore_eos`` on
-every server, so every request generates exactly ``--max-tokens``.
+every server, so every request generates exactly ``--max-tokens``. ``openautoglm-nocache`` is our server with
+``--no-prefix-cache``.
+
+    python benchmarks/serve_load.py --shared-prefix 768 --prompt-tokens 64 --concurrency 16 \
+        --systems openautoglm,openautoglm-nocache,llama-server
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ async def one_request(client, url, prompt, max_tokens, extra):
     n_tokens = usage["completion_tokens"] if usage else len(stamps)
     ttft = stamps[0] - t0 if stamps else float("nan")
     itl = [b - a for a, b in zip(stamps, stamps[1:])]
-    return n_tokens, ttft, itl
+    cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return n_tokens, ttft, itl, cached
 
 
 async def level(url, prompts, concurrency, requests, max_tokens, extra):
@@ -109,7 +115,8 @@ async def level(url, prompts, concurrency, requests, max_tokens, extra):
 
     return {"concurrency": concurrency, "requests": len(res), "tokens": toks, "wall_s": wall, "tok_s": toks / wall,
             "ttft_p50": statistics.median(ttfts), "ttft_p99": pct(ttfts, 99),
-            "itl_p50": statistics.median(itls) if itls else float("nan"), "itl_p99": pct(itls, 99)}
+            "itl_p50": statistics.median(itls) if itls else float("nan"), "itl_p99": pct(itls, 99),
+            "cached_prompt_tokens": sum(r[3] for r in res)}
 
 
 def main():
@@ -119,12 +126,14 @@ def main():
     ap.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--shared-prefix", type=int, default=0,
+                    help="tokens of one common prefix before every prompt (a shared system prompt)")
     ap.add_argument("--opt", default="auto")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="our server's runtime dtype")
     ap.add_argument("--max-len", type=int, default=1024, help="per-request context on every server")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--systems", default="openautoglm,llama-server",
-                    help="openautoglm, llama-server, llama-cpp-python")
+                    help="openautoglm, openautoglm-nocache (--no-prefix-cache), llama-server, llama-cpp-python")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -137,15 +146,16 @@ def main():
     tok = Tokenizer.from_gguf_metadata(open_checkpoint(path).tokenizer["metadata"])
     levels = [int(x) for x in a.concurrency.split(",")]
     n_prompts = max(levels) * a.requests + 1
-    ids = prompt_tokens(tok, a.prompt_tokens * n_prompts)
-    prompts = [tok.decode(ids[i * a.prompt_tokens : (i + 1) * a.prompt_tokens]) for i in range(n_prompts)]
+    ids = prompt_tokens(tok, a.prompt_tokens * n_prompts + a.shared_prefix)
+    shared, ids = ids[: a.shared_prefix], ids[a.shared_prefix :]
+    prompts = [tok.decode(shared + ids[i * a.prompt_tokens : (i + 1) * a.prompt_tokens]) for i in range(n_prompts)]
     results = {}
     for system in a.systems.split(","):
         port = free_port()
-        if system == "openautoglm":
+        if system in ("openautoglm", "openautoglm-nocache"):
             cmd = [sys.executable, "-m", "openautoglm.cli", "serve", "--model", str(path), "--port", str(port),
                    "--opt", a.opt, "--dtype", a.dtype, "--max-batch", str(max(levels)), "--max-len", str(a.max_len),
-                   "-q"]
+                   "-q"] + (["--no-prefix-cache"] if system == "openautoglm-nocache" else [])
             extra = {"ignore_eos": True}
         elif system == "llama-server":
             exe = next((c for c in (os.environ.get("OPENAUTOGLM_LLAMA_SERVER"),

@@ -175,6 +175,26 @@ def test_a_shared_prefix_on_the_compiled_step_equals_each_request_alone(engines)
     assert sched.compiled_steps > 0
 
 
+def test_a_context_whose_bucket_was_not_built_runs_on_a_longer_step(engines, monkeypatch):
+    """The server never compiles while serving: a context whose length bucket has no step runs on the next longer
+    built one (the mask hides the extra slots), not eager, and still gives each request's tokens alone on O0."""
+    e0, e2 = engines
+    c = e2.compiled
+    built = c.runner.has_step
+    monkeypatch.setattr(c.runner, "has_step", lambda n: n != 128 and built(n))
+    sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN, prefill_chunk=16,
+                      cache=c.cache, len_bucket=c.len_bucket)
+    lens = []
+    pick = sched._static_len
+    monkeypatch.setattr(sched, "_static_len", lambda rs, pos: lens.append(pick(rs, pos)) or lens[-1])
+    prompts = _prompts(e0)[:4]  # every context under 128 tokens
+    served, lps = _serve(sched, prompts, [10, 10, 10, 10])
+    assert lens and set(lens) == {256} and sched.compiled_steps == len(lens)
+    for ids, got, lp in zip(prompts, served, lps):
+        _agree_but_ties(e0, ids, _alone(e0, ids, 10), got)
+        _logprobs_match(e0, ids, got, lp)
+
+
 def test_a_plan_smaller_than_the_server_decodes_eager(engines):
     e0, e2 = engines
     c = e2.compiled

@@ -96,9 +96,11 @@ def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = N
         out.runner = CompiledLM(model, cache, cache_dir=cache_root() / "aoti")
         out.len_bucket = LEN_BUCKET
         out.autotune = autotune
-        # every bucket up to the planned length (at most 4: longer ones compile on first use, once per machine)
-        lens = list(range(LEN_BUCKET, max_len + LEN_BUCKET, LEN_BUCKET))[:4]
-        out.runner.warm_up([min(n, max_len) for n in lens], progress=progress)
+        # the first 4 buckets; a plan for several rows (a server's, which never compiles while serving) also the
+        # planned length, which runs any longer context on a compiled step (the mask hides the slots beyond each
+        # row's position). The other buckets compile on first use in a generation, once per machine.
+        lens = list(range(LEN_BUCKET, max_len + LEN_BUCKET, LEN_BUCKET))[:4] + ([max_len] if max_batch > 1 else [])
+        out.runner.warm_up(sorted({min(n, max_len) for n in lens}), progress=progress)
     out.compile_seconds = time.perf_counter() - t0
     torch.set_grad_enabled(True)
     return out

@@ -522,13 +522,17 @@ class Scheduler:
 
     def _static_len(self, rs: list[Request], pos: torch.Tensor) -> int | None:
         """The attended length a compiled step runs this decode batch at, or None (run it eager): the rows must
-        be cache rows 0..B-1, and the step for the bucket must exist (never compiled while serving)."""
-        if not self.len_bucket or any(r.slot != i for i, r in enumerate(rs)):
-            return None
-        b = self.len_bucket
-        n = min(-(-(int(pos.max()) + 1) // b) * b, self.cache.max_len)
+        be cache rows 0..B-1, and a step must exist (never compiled while serving) for the context's bucket or a
+        longer one (the mask hides the slots beyond each row's position; the planned length is always built)."""
         has = getattr(self.model, "has_step", None)
-        return n if has is not None and has(n) else None
+        if not self.len_bucket or has is None or any(r.slot != i for i, r in enumerate(rs)):
+            return None
+        b, top = self.len_bucket, self.cache.max_len
+        n = min(-(-(int(pos.max()) + 1) // b) * b, top)
+        for m in [*range(n, top, b), top]:
+            if has(m):
+                return m
+        return None
 
     def _decode_forward(self, rs: list[Request]) -> list[tuple[int, torch.Tensor | None]]:
         """One batched decode step and sampling: (token, log-probabilities or None) per request."""

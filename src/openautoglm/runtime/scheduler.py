@@ -528,7 +528,7 @@ class Scheduler:
         if not self.len_bucket or has is None or any(r.slot != i for i, r in enumerate(rs)):
             return None
         b, top = self.len_bucket, self.cache.max_len
-        n = min(-(-(int(pos.max()) + 1) // b) * b, top)
+        n = min(-(-(max(self._written(r) for r in rs)) // b) * b, top)  # each row attends up to its position
         for m in [*range(n, top, b), top]:
             if has(m):
                 return m

@@ -145,7 +145,7 @@ def main():
     path = resolve(a.model)
     tok = Tokenizer.from_gguf_metadata(open_checkpoint(path).tokenizer["metadata"])
     levels = [int(x) for x in a.concurrency.split(",")]
-    n_prompts = max(levels) * a.requests + 1
+    n_prompts = sum(levels) * a.requests + 1  # no prompt repeats, across levels either
     ids = prompt_tokens(tok, a.prompt_tokens * n_prompts + a.shared_prefix)
     shared, ids = ids[: a.shared_prefix], ids[a.shared_prefix :]
     prompts = [tok.decode(shared + ids[i * a.prompt_tokens : (i + 1) * a.prompt_tokens]) for i in range(n_prompts)]
@@ -183,13 +183,15 @@ def main():
             wait_ready(url + "/v1/models", proc)
             asyncio.run(level(url, prompts[-1:], 1, 1, 8, extra))  # warm-up
             results[system] = []
+            first = 0
             for c in levels:
-                r = asyncio.run(level(url, prompts, c, a.requests, a.max_tokens, extra))
+                r = asyncio.run(level(url, prompts[first : first + c * a.requests], c, a.requests, a.max_tokens, extra))
+                first += c * a.requests
                 r["server_peak_rss_mb"] = peak_rss_mb(proc.pid)
                 results[system].append(r)
                 print(f"{system:18s} C={c:<3d} {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50']:.3f}s "
                       f"p99 {r['ttft_p99']:.3f}s  ITL p50 {1000 * r['itl_p50']:.1f}ms p99 {1000 * r['itl_p99']:.1f}ms  "
-                      f"peak RSS {r['server_peak_rss_mb']:.0f} MB",
+                      f"peak RSS {r['server_peak_rss_mb']:.0f} MB  cached prompt tokens {r['cached_prompt_tokens']}",
                       flush=True)
         except Exception as e:  # report, never skip silently
             results[system] = {"skipped": True, "reason": f"{type(e).__name__}: {e}"}

@@ -96,7 +96,10 @@ async def level(url, prompts, concurrency, requests, max_tokens, extra):
     """``prompts``: one distinct prompt per request, so no server can reuse a cached prefix."""
     import httpx
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    # a new connection a request: llama-server (cpp-httplib) closes a kept-alive connection after a few requests,
+    # which a pooled client sees as "Server disconnected" mid-run
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def worker(c):
             out = []
             for i in range(requests):

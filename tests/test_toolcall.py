@@ -105,6 +105,34 @@ def test_required_grammar_accepts_exactly_well_formed_calls(smollm2_tokenizer_me
         assert not accepts(b), b
 
 
+@pytest.mark.parametrize("glm4", [False, True])
+def test_arguments_a_tool_does_not_declare_are_refused_unless_it_allows_them(smollm2_tokenizer_meta, glm4):
+    """As llama.cpp reads a tool's parameters: an object schema that lists properties and says nothing about others
+    takes only those (nested objects too); ``additionalProperties: true`` keeps it open."""
+    from openautoglm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_metadata(smollm2_tokenizer_meta)
+    vocab = Vocab.of(tok, tok.vocab_size, tok.eog_ids)
+    place = {"type": "object", "properties": {"city": {"type": "string"}}}
+
+    def accepts(tools, args):
+        g = tool_grammar(validate_tools(tools), "required", glm4=glm4, tokenizer=tok)
+        text = f'find\n{json.dumps(args)}' if glm4 else \
+            f'{OPEN}\n{json.dumps({"name": "find", "arguments": args})}\n{CLOSE}'
+        m = Constraint(g, vocab).matcher
+        ids = tok.encode(text, add_special_tokens=False)
+        return m.validate_tokens(ids) == len(ids) and m.consume_tokens(ids) and m.is_accepting()
+
+    closed_tool = [{"type": "function", "function": {"name": "find", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}, "near": place}, "required": ["q"]}}}]
+    open_tool = [{"type": "function", "function": {"name": "find", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"], "additionalProperties": True}}}]
+    assert accepts(closed_tool, {"q": "tea", "near": {"city": "Oslo"}})
+    assert not accepts(closed_tool, {"q": "tea", "//": "a comment"})
+    assert not accepts(closed_tool, {"q": "tea", "near": {"city": "Oslo", "zip": "0150"}})
+    assert accepts(open_tool, {"q": "tea", "//": "a comment"})
+
+
 @pytest.mark.parametrize("parallel", [True, False])
 def test_auto_grammar_takes_over_a_reply_that_starts_as_a_call(smollm2_tokenizer_meta, parallel):
     """``auto``: free text, unless the reply starts as a call object (fenced or bare) to a declared tool; from

@@ -93,9 +93,35 @@ def resolve_choice(tools: list[dict] | None, choice) -> str | None:
                                 "{'type': 'function', 'function': {'name': ...}}")
 
 
+def closed(schema):
+    """``schema`` with ``additionalProperties: false`` on every object schema that lists properties and says
+    nothing about others, as llama.cpp's schema converter reads a tool's parameters: the grammar then refuses
+    arguments the tool does not declare (BFCL irrelevance: Qwen2.5-Coder wrote a ``"//"`` comment key into a
+    call). An explicit ``additionalProperties``, ``patternProperties`` or ``unevaluatedProperties`` is kept, and an
+    object whose properties may come from elsewhere (``allOf``, ``$ref`` beside them) stays open; ``allOf``,
+    ``not`` and ``if`` subschemas are left as written (closing them would change what they accept)."""
+    if isinstance(schema, list):
+        return [closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) if k in _SUBSCHEMAS else v for k, v in schema.items()}
+    for k in ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas"):
+        if isinstance(schema.get(k), dict):
+            out[k] = {n: closed(v) for n, v in schema[k].items()}
+    keep = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
+    if "properties" in schema and not any(k in schema for k in keep):
+        out["additionalProperties"] = False
+    return out
+
+
+# keywords whose value is a schema or a list of schemas (the maps of schemas are walked in closed())
+_SUBSCHEMAS = ("items", "prefixItems", "anyOf", "oneOf", "then", "else", "additionalProperties")
+
+
 def _call_schema(tools: list[dict]) -> dict:
     alts = [{"type": "object",
-             "properties": {"name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
+             "properties": {"name": {"const": t["function"]["name"]},
+                            "arguments": closed(t["function"]["parameters"])},
              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema = alts[0] if len(alts) == 1 else {"anyOf": alts}
     return {**schema, "x-guidance": dict(JSON_OPTIONS)}
@@ -129,7 +155,7 @@ def tool_grammar(tools: list[dict], choice: str, parallel: bool = True, glm4: bo
         tools = [t for t in tools if t["function"]["name"] == choice[5:]]
     if glm4:  # name on its own line, then the arguments' JSON
         rules = [f'call{i}: "{t["function"]["name"]}\\n" args{i}\nargs{i}: %json '
-                 + json.dumps({**t["function"]["parameters"], "x-guidance": dict(JSON_OPTIONS)})
+                 + json.dumps({**closed(t["function"]["parameters"]), "x-guidance": dict(JSON_OPTIONS)})
                  for i, t in enumerate(tools)]
         start = "start: " + " | ".join(f"call{i}" for i in range(len(tools)))
         return Grammar.lark(start + "\n" + "\n".join(rules) + "\n")

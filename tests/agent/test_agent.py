@@ -195,3 +195,32 @@ def test_the_step_after_a_repeat_is_sampled(tiny_engine):
     assert [s["observation"] for s in out["steps"]][0] == "pong"
     assert all(s["observation"].startswith("[you already called ping") for s in out["steps"][1:])
     assert seen == [None, None, {**RESAMPLE, "seed": 2}, {**RESAMPLE, "seed": 3}]
+
+
+@pytest.mark.parametrize("max_steps", [5, 1])
+def test_after_a_tool_error_the_model_must_act_again(tiny_engine, max_steps):
+    """Scripted replies: a call the tool rejects, then a good call, then the answer. The step after the error is
+    not offered final_answer (nor is the first step); the others are, and the last step always answers."""
+    from openautoglm.toolcall import new_call
+
+    t = Tool("ping", "Ping.", {"type": "object", "properties": {"x": {"enum": [1]}}, "required": ["x"],
+                               "additionalProperties": False}, lambda x: "pong")
+    offered = []
+
+    class Scripted(Agent):
+        script = [("ping", {"x": 2}), ("ping", {"x": 1}), ("final_answer", {"answer": "done"})]
+
+        def _generate(self, messages, sampling=None, **kw):
+            offered.append([s["function"]["name"] for s in kw["tools"]])
+            choice = kw["tool_choice"]
+            name, args = (("final_answer", {"answer": "gave up"}) if isinstance(choice, dict)
+                          else self.script[len(offered) - 1])
+            return {"role": "assistant", "content": None, "tool_calls": [new_call(name, args)]}, 5
+
+    out = Scripted(tiny_engine, [t], max_steps=max_steps, progress=False, plan=False).run("go")
+    assert out["steps"][0]["observation"].startswith("[error")
+    if max_steps == 5:
+        assert out["answer"] == "done" and out["steps"][1]["observation"] == "pong"
+        assert offered == [["ping"], ["ping"], ["ping", "final_answer"]]
+    else:  # the last step answers even right after an error
+        assert out["answer"] == "gave up" and offered == [["ping"], ["ping", "final_answer"]]

@@ -120,7 +120,7 @@ class Agent:
         t0 = time.monotonic()
         specs = [t.spec() for t in self.tools.values()] + [ANSWER.spec()]
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task}]
-        steps, tokens, answer, plan, seen, resample = [], 0, None, None, {}, False
+        steps, tokens, answer, plan, seen, resample, failed = [], 0, None, None, {}, False, False
         self._log({"event": "task", "task": task, "tools": list(self.tools)})
         if self.plan:
             tools_list = ", ".join(self.tools) or "none"
@@ -142,7 +142,9 @@ class Agent:
             last = step == self.max_steps
             choice = {"type": "function", "function": {"name": "final_answer"}} if last else "required"
             ts = time.monotonic()
-            offered = specs if step or not self.tools else specs[:-1]  # act before answering
+            # act before answering: at the first step, and after a tool's error, where a small model otherwise
+            # answers with the error instead of fixing the call (Qwen2.5-Coder-1.5B, "no such column" + schema)
+            offered = specs[:-1] if self.tools and not last and (step == 0 or failed) else specs
             sampling = {**RESAMPLE, "seed": step} if resample else None
             m, n = self._generate(msgs, sampling, tools=offered, tool_choice=choice, parallel_tool_calls=False)
             tokens += n
@@ -170,6 +172,7 @@ class Agent:
             else:
                 seen[key] = len(steps) + 1
                 obs = self._call(name, args)
+            failed = obs.startswith("[error")
             rec = {"tool": name, "arguments": args, "observation": obs}
             steps.append(rec)
             self._log({"event": "step", "step": len(steps), **rec, "tokens": n, "resampled": was_resampled,

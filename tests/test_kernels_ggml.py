@@ -51,6 +51,11 @@ def test_dequant_is_gguf_py_bit_for_bit_on_every_path(qtype):
         out = kernels.ggml_dequant(raw, qtype, 512, path=path)
         assert torch.equal(out.view(torch.int32), ref.view(torch.int32)), (qtype, path)
         assert torch.equal(kernels.ggml_dequant(raw, qtype, 512, torch.bfloat16, path=path), ref.to(torch.bfloat16))
+        # into a caller's buffer (prefill's reused workspace), over whatever it held before
+        for dt in (torch.float32, torch.bfloat16):
+            buf = torch.full((40, 512), float("nan"), dtype=dt)
+            assert kernels.ggml_dequant(raw, qtype, 512, path=path, out=buf) is buf
+            assert torch.equal(buf, ref.to(dt)), (qtype, path, dt)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
@@ -98,3 +103,25 @@ def test_gemv_and_dequant_reject_bad_input():
         kernels.ggml_gemv(torch.randn(1, 64).double(), raw, "Q8_0", 64)
     with pytest.raises(RuntimeError, match="no kernel"):
         torch.ops.openautoglm.ggml_dequant(raw, 10, 64, 0)  # Q2_K
+    for bad in (torch.empty(4, 32), torch.empty(4, 64, dtype=torch.float16), torch.empty(64, 4).t()):
+        with pytest.raises(RuntimeError, match="out must be"):
+            kernels.ggml_dequant(raw, "Q8_0", 64, out=bad)
+
+
+def test_prefill_through_the_reused_workspace_is_the_fresh_dequantization():
+    """Layers of different shapes share one buffer per thread: each prefill-sized call (more than GEMV_MAX_ROWS
+    rows) gives what dequantizing into a fresh tensor gives, whatever the buffer last held."""
+    from openautoglm.quant import modules as QM
+
+    layers = [QM.GGMLLinear(random_rows(q, n, k, seed=n), q, k, None)
+              for q, n, k in (("Q4_K", 96, 512), ("Q6_K", 40, 768), ("Q8_0", 200, 256))]
+    x = {k: torch.randn(QM.GEMV_MAX_ROWS + 3, k, generator=torch.Generator().manual_seed(k)) for k in (256, 512, 768)}
+    ws = [[m(x[m.in_features]) for m in layers] for _ in range(2)]
+    old = QM.WORKSPACE_MAX
+    QM.WORKSPACE_MAX = 0  # every call allocates
+    try:
+        fresh = [m(x[m.in_features]) for m in layers]
+    finally:
+        QM.WORKSPACE_MAX = old
+    for a, b, c in zip(ws[0], ws[1], fresh):
+        assert torch.equal(a, c) and torch.equal(b, c)

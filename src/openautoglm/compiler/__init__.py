@@ -74,6 +74,9 @@ def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = N
     t0 = time.perf_counter()
     if level == "O0":
         return Compiled("O0", model)
+    from ..host import keep_freed_memory
+
+    keep_freed_memory()  # prefill's large temporaries reuse memory instead of faulting pages in at every call
     passes = run_passes(model)
     max_len = min(max_len or 2048, model.config.max_position_embeddings)
     prefill_tokens = min(prefill_tokens, max_len)

@@ -282,10 +282,14 @@ def ggml_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, K: int, path: int 
 
 
 def ggml_dequant(raw: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = torch.float32,
-                 path: int = -1) -> torch.Tensor:
+                 path: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
     """GGML block weights (N, bytes a row) -> (N, K) fp32 (bit for bit gguf-py's ``dequantize``) or bf16 (that,
-    rounded to nearest even). ``path`` forces 0 (scalar) or 1 (AVX2)."""
+    rounded to nearest even). ``path`` forces 0 (scalar) or 1 (AVX2). ``out``: a contiguous (N, K) fp32 or bf16
+    tensor to write (its dtype wins over ``dtype``), returned."""
     _require_ops()
+    if out is not None:
+        torch.ops.openautoglm.ggml_dequant_out(raw, GGML_TYPES[qtype], K, out, path)
+        return out
     return torch.ops.openautoglm.ggml_dequant(raw, GGML_TYPES[qtype], K, int(dtype == torch.bfloat16), path)
 
 

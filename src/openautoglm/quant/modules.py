@@ -16,6 +16,8 @@ inputs are cast to bf16 for the matmul and the output back to the caller's dtype
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -204,9 +206,29 @@ class GGMLLinear(_QuantLinear):
         if x2.shape[0] <= GEMV_MAX_ROWS:
             y = torch.ops.openautoglm.ggml_gemv(x2, self.raw, self.type_id, self.in_features)
         else:
-            w = torch.ops.openautoglm.ggml_dequant(self.raw, self.type_id, self.in_features, int(self.bf16_gemm))
+            w = _workspace(self.out_features, self.in_features, torch.bfloat16 if self.bf16_gemm else torch.float32)
+            if w is None:
+                w = torch.ops.openautoglm.ggml_dequant(self.raw, self.type_id, self.in_features, int(self.bf16_gemm))
+            else:
+                torch.ops.openautoglm.ggml_dequant_out(self.raw, self.type_id, self.in_features, w)
             y = nn.functional.linear(x2.to(w.dtype), w)
         return self._out(y, x, shape)
+
+
+_WORKSPACE = threading.local()
+WORKSPACE_MAX = 1 << 25  # elements (64 MB of bf16): a larger matrix (a logits head over every position) allocates
+
+
+def _workspace(n: int, k: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """An (n, k) buffer of this thread's, reused by every layer's prefill dequantization (the largest matrix's
+    size, kept), or None (while tracing, or past ``WORKSPACE_MAX``): a fresh allocation that large is mapped,
+    faulted in and zeroed page by page at every call, which cost about as much as the dequantization itself."""
+    if n * k > WORKSPACE_MAX or torch.compiler.is_compiling():
+        return None
+    buf = _WORKSPACE.__dict__.get(dtype)
+    if buf is None or buf.numel() < n * k:
+        buf = _WORKSPACE.__dict__[dtype] = torch.empty(n * k, dtype=dtype)
+    return buf[: n * k].view(n, k)
 
 
 class QuantEmbedding(nn.Module):

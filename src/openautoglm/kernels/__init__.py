@@ -273,6 +273,13 @@ def ggml_gemv_path() -> str:
     return ("scalar", "avx2", "avx512vnni")[torch.ops.openautoglm.ggml_gemv_path()]
 
 
+def ggml_dequant_path() -> str:
+    """The path ``ggml_dequant`` takes on this CPU: 'avx512', 'avx2' or 'scalar' ('' without the operators)."""
+    if not load_ops():
+        return ""
+    return ("scalar", "avx2", "avx512")[torch.ops.openautoglm.ggml_dequant_path()]
+
+
 def ggml_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, K: int, path: int = -1) -> torch.Tensor:
     """(M, K) fp32/bf16 activations x GGML block weights ``raw`` (N, bytes a row, as the GGUF file stores them)
     -> (M, N) in x's dtype. The activations are quantized to int8 per block of 32 and each weight block is dotted
@@ -284,7 +291,7 @@ def ggml_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, K: int, path: int 
 def ggml_dequant(raw: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = torch.float32,
                  path: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
     """GGML block weights (N, bytes a row) -> (N, K) fp32 (bit for bit gguf-py's ``dequantize``) or bf16 (that,
-    rounded to nearest even). ``path`` forces 0 (scalar) or 1 (AVX2). ``out``: a contiguous (N, K) fp32 or bf16
+    rounded to nearest even). ``path`` forces 0 (scalar), 1 (AVX2) or 2 (AVX-512). ``out``: a contiguous (N, K) fp32 or bf16
     tensor to write (its dtype wins over ``dtype``), returned."""
     _require_ops()
     if out is not None:

@@ -220,11 +220,11 @@ def test_gemv_rejects_bad_input():
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
-def _close_to_rounding(out: torch.Tensor, ref: torch.Tensor):
+def _close_to_rounding(out: torch.Tensor, ref: torch.Tensor, fp32_rel: float = 1e-6):
     # fp32 scores, softmax and sums, then one rounding to the output dtype
     ulp = {F32: 0.0, BF16: 2 ** -8, F16: 2 ** -11}[out.dtype]
     err = (out.double() - ref).abs()
-    assert bool((err <= ref.abs() * ulp + 1e-6 * max(1.0, float(ref.abs().max()))).all()), float(err.max())
+    assert bool((err <= ref.abs() * ulp + fp32_rel * max(1.0, float(ref.abs().max()))).all()), float(err.max())
 
 
 @pytest.mark.parametrize("qdt,kvdt", [(F32, F32), (BF16, BF16), (F16, F16), (F32, F16), (F32, BF16)])
@@ -262,6 +262,60 @@ def test_decode_attention_matches_sdpa(qdt, kvdt, B, H, KV, S, D):
     ref1 = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m1,
                                                             scale=0.3, enable_gqa=True)
     _close_to_rounding(kernels.decode_attention(q, k, v, m1, scale=0.3), ref1)
+
+
+@pytest.mark.parametrize("qdt", [F32, BF16])
+@pytest.mark.parametrize("B,H,KV,S,D", [(1, 9, 3, 384, 64), (2, 14, 2, 200, 64), (3, 16, 1, 37, 128),
+                                        (2, 4, 4, 19, 72)])
+def test_decode_attention_q8_is_sdpa_over_the_dequantized_cache(qdt, B, H, KV, S, D):
+    """The int8 cache's attention reads the codes and scales as stored: it is SDPA over codes x scales."""
+    from openautoglm.runtime.kv_cache import dequantize_kv, quantize_kv
+
+    _ops()
+    g = torch.Generator().manual_seed(S + D + 1)
+    kc, vc = (torch.randn(B, KV, S + 7, D, generator=g) * 3 for _ in range(2))
+    kc[..., 5] += 20  # an outlier channel, as Qwen's keys have
+    (k8, ks), (v8, vs) = quantize_kv(kc), quantize_kv(vc)
+    k8, ks, v8, vs = k8[:, :, :S], ks[:, :, :S], v8[:, :, :S], vs[:, :, :S]  # views of a longer cache
+    q = torch.randn(B, 1, H, D, generator=g).to(qdt).transpose(1, 2)
+    pos = torch.randint(2, S, (B, 1), generator=g)
+    pos[0] = S - 1
+    mask = torch.arange(S)[None, None, None, :] <= pos[:, None, :, None]
+    mask[-1, ..., : int(pos[-1]) // 2] = False
+    k, v = dequantize_kv(k8, ks, torch.float64), dequantize_kv(v8, vs, torch.float64)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, enable_gqa=True)
+    # stale slots the mask hides must not leak: NaN scales there
+    hidden = ~mask.expand(B, KV, 1, S)[:, :, 0]
+    ks[hidden], vs[hidden] = float("nan"), float("nan")
+    best = {"scalar": 0, "avx2": 1, "avx512": 2}[kernels.attention_path(D)]
+    for path in range(best + 1):
+        out = kernels.decode_attention_q8(q, k8, ks, v8, vs, mask, path=path)
+        assert out.shape == (B, H, 1, D) and out.dtype == qdt
+        _close_to_rounding(out, ref, fp32_rel=4e-6)  # (scores up to ~10 here: fp32's exp of them)
+    if B > 1:
+        assert torch.equal(kernels.decode_attention_q8(q[:1], k8, ks, v8, vs, mask[:1]),
+                           kernels.decode_attention_q8(q, k8, ks, v8, vs, mask)[:1])
+    with pytest.raises(RuntimeError, match="int8"):
+        kernels.decode_attention_q8(q, k8.float(), ks, v8, vs, mask)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        kernels.decode_attention_q8(q, k8, ks.float(), v8, vs, mask)
+
+
+def test_kv_quantization_is_symmetric_int8_per_token_and_head():
+    """Each (token, head) vector: scale = max|x| / 127 (fp16), codes = round(x / scale) in [-127, 127]; the
+    round trip is within half a step (of the fp16 scale), and an all-zero vector stays zero."""
+    from openautoglm.runtime.kv_cache import dequantize_kv, quantize_kv
+
+    x = torch.randn(2, 3, 50, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 50)[:, None]
+    x[0, 0, 7] = 0.0
+    codes, scales = quantize_kv(x)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == x.shape[:-1]
+    assert int(codes.abs().max()) == 127 and bool(((codes.abs().amax(-1) >= 126) | (scales == 0)).all())
+    err = (dequantize_kv(codes, scales, torch.float64) - x.double()).abs()
+    assert bool((err <= scales.double()[..., None] / 2 * (1 + 1e-6)).all())
+    assert bool((codes[0, 0, 7] == 0).all()) and float(scales[0, 0, 7]) == 0.0
+    # bf16 input: the same codes as its fp32 value
+    assert torch.equal(quantize_kv(x.bfloat16())[0], quantize_kv(x.bfloat16().float())[0])
 
 
 def test_decode_attention_rejects_bad_input():

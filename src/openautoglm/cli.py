@@ -30,6 +30,9 @@ def _add_model(p):
                         "it builds in the background), O0 (eager reference), O1, O2, O3")
     p.add_argument("--gguf-weights", default="native", choices=("native", "float"),
                    help="GGUF tensors: native (default: computed on as stored) or float (dequantized, the reference)")
+    p.add_argument("--kv-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                   help="KV cache dtype at O1+ (default auto: the activations', fp16 under O3's decode attention); "
+                        "int8: codes with an fp16 scale per token and kv head, about half of bf16's memory")
 
 
 def _add_sampling(p):
@@ -60,7 +63,7 @@ def _engine(a, compile: bool = True):
     eng = Engine(model=a.model, progress=not getattr(a, "quiet", False), gguf_weights=a.gguf_weights)
     eng.enable_hardware_acceleration(a.device)
     if compile:
-        eng.compile(optimize_level=a.opt)
+        eng.compile(optimize_level=a.opt, kv_dtype=getattr(a, "kv_dtype", "auto"))
     return eng
 
 
@@ -173,7 +176,7 @@ def cmd_compile(a) -> int:
     eng = _engine(a, compile=False)
     if a.max_batch < 1 or a.max_len < 1:
         raise InvalidParameterError("--max-batch and --max-len must be at least 1")
-    eng.compile(optimize_level=a.opt, max_batch=a.max_batch, max_len=a.max_len)
+    eng.compile(optimize_level=a.opt, max_batch=a.max_batch, max_len=a.max_len, kv_dtype=a.kv_dtype)
     c = eng.compiled
     print(f"{eng.model_path}: {c.level} ready in {c.compile_seconds:.1f}s (max batch {a.max_batch}, "
           f"max length {a.max_len})")
@@ -282,7 +285,7 @@ def cmd_serve(a) -> int:
         if opt == "auto":  # the background build compiles the checkpoint's dtype: compile this one here, at O1
             opt = "O1"
     # the plan the scheduler runs in: max_batch rows of max_len (the compiled decode step runs any 1..max_batch)
-    eng.compile(optimize_level=opt, max_batch=a.max_batch, max_len=a.max_len)
+    eng.compile(optimize_level=opt, max_batch=a.max_batch, max_len=a.max_len, kv_dtype=a.kv_dtype)
     st = ServeSettings(max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, api_keys=keys,
                        kv_budget_mb=a.kv_budget_mb, request_timeout=a.timeout, prefill_chunk=a.prefill_chunk,
                        max_body_bytes=int(a.max_body_mb * 2**20), max_prompt_tokens=a.max_prompt_tokens,

@@ -108,7 +108,8 @@ class Engine:
             self.device = d
         return self
 
-    def compile(self, optimize_level: str = AUTO, max_batch: int = 1, max_len: int | None = None) -> "Engine":
+    def compile(self, optimize_level: str = AUTO, max_batch: int = 1, max_len: int | None = None,
+                kv_dtype: str = "auto") -> "Engine":
         """Prepare the model at ``optimize_level`` (see ``openautoglm.compiler``): "O0" is the eager reference;
         "O1" adds the load-time passes and a static memory plan (``info()["compile"]["memory_plan"]``), with
         the KV cache for ``max_batch`` rows of ``max_len`` tokens allocated once; "O2" adds the decode step
@@ -116,26 +117,35 @@ class Engine:
         cached after). "auto" (the default): O3 at once where this machine has built it for this model, else O1
         now while O3 builds in a background process, switched to at the first generation after it is done
         (``compiler/background.py``). Quantize before compiling.
+
+        ``kv_dtype``: the planned KV cache's dtype at O1+: "auto" (the activations', fp16 where O3's decode
+        attention reads it), "fp32", "bf16", "fp16" or "int8" (int8 codes with an fp16 scale per token and kv head:
+        about half of bf16's bytes).
         """
         level = resolve_level(optimize_level)
+        from .runtime.kv_cache import KV_DTYPES
+
+        if kv_dtype != AUTO and kv_dtype not in KV_DTYPES:
+            raise InvalidParameterError(f"unknown KV cache dtype {kv_dtype!r}; choose auto, {', '.join(KV_DTYPES)}")
         if getattr(self, "compiled", None) is not None and self.compiled.level != "O0":
             raise InvalidParameterError(f"this engine is already compiled at {self.compiled.level}")
         if max_batch < 1:
             raise InvalidParameterError(f"max_batch must be at least 1, got {max_batch}")
         if level != AUTO:
-            return self._compile(level, max_batch, max_len)
+            return self._compile(level, max_batch, max_len, kv_dtype)
         from .compiler import background
 
         max_len = min(max_len or 2048, self.config.max_position_embeddings)
         key = None
         if self.device == "cpu" and not getattr(self, "quant_result", None):  # (an in-memory quantization: no rebuild)
-            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights)
+            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights, kv_dtype)
         if key is not None and background.is_warm(key):
-            return self._compile("O3", max_batch, max_len)
-        self._compile("O1", max_batch, max_len)
+            return self._compile("O3", max_batch, max_len, kv_dtype)
+        self._compile("O1", max_batch, max_len, kv_dtype)
         if key is not None and background.enabled():
-            self._build = background.start(key, self.model_path, "O3", max_batch, max_len, self.gguf_weights)
-            self._build_args = (max_batch, max_len)
+            self._build = background.start(key, self.model_path, "O3", max_batch, max_len, self.gguf_weights,
+                                           kv_dtype)
+            self._build_args = (max_batch, max_len, kv_dtype)
             # leave the build a core while it runs: intra-op threads that share a core with it stall at every
             # barrier (measured on 2 cores: O1 decode 1-2 tok/s on two threads beside the build, ~46 alone)
             import torch
@@ -152,18 +162,20 @@ class Engine:
                                  f"next time\n")
         return self
 
-    def _compile(self, level: str, max_batch: int, max_len: int | None) -> "Engine":
+    def _compile(self, level: str, max_batch: int, max_len: int | None, kv_dtype: str = AUTO) -> "Engine":
         from .compiler import background, compile_model
 
         key = None
         if level == "O3" and self.device == "cpu" and not getattr(self, "quant_result", None):
             # (before compiling: O3 tunes the thread count, which is part of the key)
             max_len = min(max_len or 2048, self.config.max_position_embeddings)
-            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights)
-        self.compiled = compile_model(self.model, level, max_batch=max_batch, max_len=max_len, progress=self.progress)
+            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights, kv_dtype)
+        self.compiled = compile_model(self.model, level, max_batch=max_batch, max_len=max_len, progress=self.progress,
+                                      kv_dtype=kv_dtype)
         self.optimize_level = level
         if key is not None:
             background.mark_warm(key, {"model": str(self.model_path), "max_batch": max_batch, "max_len": max_len,
+                                       "kv_dtype": kv_dtype,
                                        "compile_seconds": round(self.compiled.compile_seconds, 1)})
         return self
 

@@ -217,3 +217,34 @@ def test_o3_on_an_untied_quantized_model_matches_o0(untied_dir, oag_cache):
     e0, e3 = _engine(untied_dir, "int4-g32"), _engine(untied_dir, "int4-g32", "O3")
     for p in PROMPTS:
         _same_greedy(e0, e3, "O3", p)
+
+
+def test_int8_kv_cache_compiled_decode_matches_the_eager_one(tiny_engine_dir, oag_cache, monkeypatch):
+    """``kv_dtype="int8"``: O3's decode attention reads the codes and scales as stored inside the compiled step
+    (``decode_attention_q8``); O1 dequantizes them into SDPA. Same greedy tokens, up to a near-tie in the O1
+    int8 cache's own logits; the memory plan counts the scales."""
+    from openautoglm.compiler import autotune
+    from openautoglm.compiler.impls import DecodeAttention
+    from openautoglm.runtime.kv_cache import KVCache
+
+    monkeypatch.setattr(autotune, "_time_all",
+                        lambda fs, x, rounds=5: {n: {"decode": 0.0}.get(n, 1.0) for n in fs})
+    monkeypatch.setattr(autotune, "cache_file", lambda: oag_cache / "autotune-kv8.json")
+    e1 = Engine(model=tiny_engine_dir, progress=False).compile("O1", max_batch=2, max_len=256, kv_dtype="int8")
+    e3 = Engine(model=tiny_engine_dir, progress=False).compile("O3", max_batch=2, max_len=256, kv_dtype="int8")
+    assert sum(isinstance(m, DecodeAttention) for m in e3.model.modules()) == e3.model.config.num_hidden_layers
+    for e in (e1, e3):
+        c = e.compiled.cache
+        assert c.dtype == torch.int8 and e.info()["compile"]["memory_plan"]["kv_cache_bytes"] == c.nbytes
+    calls = e3.compiled.runner.compiled_calls
+    for p in PROMPTS:
+        a = e1.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
+        b = e3.generate(p, max_tokens=20, ignore_eos=True)[0].token_ids
+        if a != b:
+            i = next(k for k in range(len(a)) if a[k] != b[k])
+            ids = torch.tensor([e1.tokenizer.encode(p) + a[:i]])
+            with torch.no_grad():
+                lg = e1.model(ids, torch.arange(ids.shape[1])[None],
+                              KVCache.for_model(e1.model, 1, ids.shape[1], torch.int8))[0, -1]
+            assert float(lg[a[i]] - lg[b[i]]) <= 1e-4 * float(lg.abs().max()), (p, i)
+    assert e3.compiled.runner.compiled_calls > calls  # the decode ran compiled

@@ -16,6 +16,10 @@
   GEMV operators and our decode attention operator, which the AOTInductor packages call. Where the decode
   attention is chosen and the activations are fp32, the planned KV cache is fp16 (``memory_plan.kv_dtype``).
 
+``kv_dtype`` ("auto" or one of ``runtime.kv_cache.KV_DTYPES``: fp32, bf16, fp16, int8) overrides the planned cache's
+dtype at O1+ ("auto": the activations', or fp16 as above). int8 stores each (token, kv head) vector as codes with an
+fp16 scale: ~0.52x bf16's bytes, read as stored by the decode attention at O3.
+
 Each pass lives in ``passes/`` (one per file), rewrites a model in place, and has an equivalence test.
 """
 
@@ -64,13 +68,15 @@ class Compiled:
 
 
 def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = None, prefill_tokens: int = 512,
-                  progress: bool = True) -> Compiled:
+                  progress: bool = True, kv_dtype: str = "auto") -> Compiled:
     """Prepare ``model`` (in place) at ``level``; returns what generation runs and the plan."""
     import torch
 
     from . import memory_plan
-    from ..runtime.kv_cache import KVCache, activation_dtype
+    from ..runtime.kv_cache import KV_DTYPES, KVCache, activation_dtype
 
+    if kv_dtype != "auto" and kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {kv_dtype!r}; choose auto, {', '.join(KV_DTYPES)}")
     t0 = time.perf_counter()
     if level == "O0":
         return Compiled("O0", model)
@@ -80,7 +86,7 @@ def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = N
     passes = run_passes(model)
     max_len = min(max_len or 2048, model.config.max_position_embeddings)
     prefill_tokens = min(prefill_tokens, max_len)
-    dtype = kv_dtype = activation_dtype(model)
+    dtype = kv = activation_dtype(model)
     autotune = {}
     if level == "O3":
         from .autotune import tune_model
@@ -88,10 +94,12 @@ def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = N
         autotune = tune_model(model, max_batch=max_batch, prefill_tokens=prefill_tokens, progress=progress,
                               kv_len=max_len)
         if autotune["attention"] == "decode" and dtype == torch.float32:
-            kv_dtype = torch.float16  # what the decode attention was tuned on: half the cache's bytes to read
+            kv = torch.float16  # what the decode attention was tuned on: half the cache's bytes to read
+    if kv_dtype != "auto":
+        kv = KV_DTYPES[kv_dtype]
     # (after tuning: layers whose choices all read the portable codes build no CPU pack)
-    plan = memory_plan.plan(model, max_batch, max_len, prefill_tokens, dtype, kv_dtype)
-    cache = KVCache.for_model(model, max_batch, max_len, dtype=kv_dtype)
+    plan = memory_plan.plan(model, max_batch, max_len, prefill_tokens, dtype, kv)
+    cache = KVCache.for_model(model, max_batch, max_len, dtype=kv)
     out = Compiled(level, model, passes, plan, cache)
     if level in ("O2", "O3"):
         from .compiled import CompiledLM

@@ -44,8 +44,7 @@ class DecodeStep(nn.Module):
         self.static_len = static_len
 
     def forward(self, ids, positions, kv: list[torch.Tensor]):
-        n = len(kv) // 2
-        cache = KVCache.from_tensors(kv[:n], kv[n:], static_len=self.static_len)
+        cache = KVCache.from_tensors(kv, static_len=self.static_len)
         return self.model(ids, positions, cache)
 
 
@@ -59,15 +58,16 @@ def _sources_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def package_key(model: nn.Module, cache_shape: tuple, static_len: int) -> str:
-    """What determines the compiled code: module tree, config, cache tensors' shape, attended length, dtypes,
-    our sources, the CPU and torch."""
+def package_key(model: nn.Module, cache_shape: tuple, static_len: int, kv_dtype: torch.dtype) -> str:
+    """What determines the compiled code: module tree, config, cache tensors' shape and dtype, attended length,
+    dtypes, our sources, the CPU and torch."""
     from ..host import cpu_key
 
     h = hashlib.sha256()
     from .. import kernels
 
-    h.update(json.dumps([repr(model), repr(model.config), list(cache_shape), static_len, str(activation_dtype(model)),
+    h.update(json.dumps([repr(model), repr(model.config), list(cache_shape), str(kv_dtype), static_len,
+                         str(activation_dtype(model)),
                          _sources_digest(), kernels.ops_digest(), cpu_key(), torch.__version__]).encode())
     return h.hexdigest()[:24]
 
@@ -84,7 +84,7 @@ def compile_package(model: nn.Module, cache: KVCache, static_len: int, path: Pat
     B = cache.batch
     ids = torch.zeros(B, 1, dtype=torch.long)
     pos = torch.zeros(B, 1, dtype=torch.long)
-    kv = list(cache.k) + list(cache.v)
+    kv = cache.tensors()
     dyn = None
     if B > 1:  # the example batch is the planned one (>= 2, so export does not specialize it to 1)
         b = Dim("batch", min=1, max=B)
@@ -172,4 +172,4 @@ class CompiledStep:
         self._run = loader.boxed_run
 
     def __call__(self, ids, positions, cache: KVCache):
-        return self._run([ids, positions, *cache.k, *cache.v])[0]
+        return self._run([ids, positions, *cache.tensors()])[0]

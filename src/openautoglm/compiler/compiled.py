@@ -68,7 +68,7 @@ class CompiledLM(nn.Module):
         # the key hashes the module tree and our sources: once a length, not on every step that asks has_step
         p = self._paths.get(static_len)
         if p is None:
-            key = aot.package_key(self.model, self._shape, static_len)
+            key = aot.package_key(self.model, self._shape, static_len, self._cache.dtype)
             p = self._paths[static_len] = self.cache_dir / f"decode-{key}.pt2"
         return p
 

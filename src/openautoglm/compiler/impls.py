@@ -109,7 +109,10 @@ class DecodeAttention(nn.Module):
     def forward(self, q, k, v, mask, scale=None):
         if q.shape[2] != 1:
             return attention(q, k, v, mask, scale)
-        o = torch.ops.openautoglm.decode_attention(q, k, v, mask, scale)
+        if isinstance(k, tuple):  # the int8 cache: codes and scales read as stored
+            o = torch.ops.openautoglm.decode_attention_q8(q, k[0], k[1], v[0], v[1], mask, scale)
+        else:
+            o = torch.ops.openautoglm.decode_attention(q, k, v, mask, scale)
         B, H, _, D = o.shape
         return o.reshape(B, 1, H * D)
 

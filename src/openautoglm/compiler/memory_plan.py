@@ -93,7 +93,9 @@ def plan(model, max_batch: int, max_len: int, prefill_tokens: int, dtype=torch.f
     cfg = model.config
     kv_dtype = kv_dtype or dtype
     dt, kdt = torch.empty(0, dtype=dtype).element_size(), torch.empty(0, dtype=kv_dtype).element_size()
-    kv = cfg.num_hidden_layers * 2 * max_batch * cfg.num_key_value_heads * max_len * cfg.head_dim * kdt
+    # (int8: each (token, kv head) vector also has an fp16 scale)
+    per_vec = cfg.head_dim * kdt + (2 if kv_dtype == torch.int8 else 0)
+    kv = cfg.num_hidden_layers * 2 * max_batch * cfg.num_key_value_heads * max_len * per_vec
     act = max(activation_bytes(cfg, prefill_tokens, max_batch, dt), activation_bytes(cfg, max_batch, max_batch, dt))
     return MemoryPlan(max_batch, max_len, prefill_tokens, weight_bytes(model), kv, act, pack_bytes(model),
                       str(kv_dtype).replace("torch.", ""))

@@ -165,6 +165,10 @@ _C_SHIMS = {
     "decode_attention": "AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, "
                         "AtenTensorHandle v, AtenTensorHandle mask, double* scale, int64_t path, "
                         "AtenTensorHandle* ret0)",
+    "decode_attention_q8": "AOTITorchError aoti_torch_cpu_decode_attention_q8(AtenTensorHandle q, "
+                           "AtenTensorHandle k, AtenTensorHandle k_scale, AtenTensorHandle v, "
+                           "AtenTensorHandle v_scale, AtenTensorHandle mask, double* scale, int64_t path, "
+                           "AtenTensorHandle* ret0)",
     "ggml_gemv": "AOTITorchError aoti_torch_cpu_ggml_gemv(AtenTensorHandle x, AtenTensorHandle raw, int64_t qtype, "
                  "int64_t K, int64_t path, AtenTensorHandle* ret0)",
     "ggml_dequant": "AOTITorchError aoti_torch_cpu_ggml_dequant(AtenTensorHandle raw, int64_t qtype, int64_t K, "
@@ -228,6 +232,10 @@ def _register_fakes() -> None:
     def _(q, k, v, mask, scale=None, path=-1):
         return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
 
+    @torch.library.register_fake("openautoglm::decode_attention_q8")
+    def _(q, k, k_scale, v, v_scale, mask, scale=None, path=-1):
+        return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+
 
 def attention_path(head_dim: int) -> str:
     """The code path :func:`decode_attention` takes on this CPU for ``head_dim``: 'avx512', 'avx2' or 'scalar' ('' without
@@ -246,6 +254,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     with fp32 scores and softmax, over the slots up to the last allowed one only, each kv head's K and V read once
     for all of its query heads. A row whose mask allows nothing gives zeros (SDPA: NaN)."""
     return torch.ops.openautoglm.decode_attention(q, k, v, mask, scale, path)
+
+
+def decode_attention_q8(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
+                        v_scale: torch.Tensor, mask: torch.Tensor, scale: float | None = None,
+                        path: int = -1) -> torch.Tensor:
+    """:func:`decode_attention` over the int8 KV cache: k/v (B, KV, S, D) int8 codes, k_scale/v_scale (B, KV, S)
+    fp16 (contiguous over slots); key j of a head is ``k[..., j, :] * k_scale[..., j]``, as is value j. The codes
+    are read as they are stored (a quarter of fp32's bytes, half of fp16's)."""
+    return torch.ops.openautoglm.decode_attention_q8(q, k, k_scale, v, v_scale, mask, scale, path)
 
 
 def gemv_path(kind: str, arg: int) -> str:

@@ -689,8 +689,10 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2(const float *xf, const i
 // Each item leaves, per head, its chunk's running max m, sum of exp l and unnormalized output o; the chunks of a
 // row are merged afterwards (flash-decoding), so a row of few kv heads still spreads over the threads. Slots past
 // the last one the mask allows are not read; masked ones before it are excluded. Scores, softmax and sums in fp32;
-// K and V fp32, bf16 or fp16 (a strided view of the cache: only the last dimension must be contiguous).
-enum Dt : int { F32 = 0, BF16 = 1, F16 = 2 };
+// K and V fp32, bf16 or fp16 (a strided view of the cache: only the last dimension must be contiguous), or int8 with
+// an fp16 scale per (row, kv head, slot) each (the int8 KV cache): a score is the dot with the codes times the key's
+// scale, and a value's weight is its probability times the value's scale.
+enum Dt : int { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
 
 struct AttnArgs {
     const void *q, *k, *v;
@@ -702,11 +704,25 @@ struct AttnArgs {
     int64_t vs0, vs1, vs2;
     int64_t ms0, ms3;       // mask strides over b, slot (0 where broadcast)
     float scale;
+    const c10::Half *ksc = nullptr, *vsc = nullptr;  // I8: the scales, contiguous over slots
+    int64_t kss0 = 0, kss1 = 0, vss0 = 0, vss1 = 0;  // their strides over b, kv head
 };
+
+// I8: the scores of slots [j0, j0 + n) of one head times their keys' scales
+inline void scale_scores(const AttnArgs &a, int64_t b, int64_t kvh, int64_t j0, int64_t n, float *sg) {
+    const c10::Half *s = a.ksc + b * a.kss0 + kvh * a.kss1 + j0;
+    for (int64_t j = 0; j < n; j++) sg[j] *= static_cast<float>(s[j]);
+}
+// I8: the probabilities (already summed) times their values' scales: the weights of the codes
+inline void scale_probs(const AttnArgs &a, int64_t b, int64_t kvh, int64_t j0, int64_t n, float *sg) {
+    const c10::Half *s = a.vsc + b * a.vss0 + kvh * a.vss1 + j0;
+    for (int64_t j = 0; j < n; j++) sg[j] *= static_cast<float>(s[j]);
+}
 // (args, b, first query head, its count, slots [j0, j1), scratch for scores, partials: per head o[D], m, l)
 using AttnItem = void (*)(const AttnArgs &, int64_t, int64_t, int64_t, int64_t, int64_t, float *, float *);
 
 inline float ld(const void *p, int64_t i, Dt t) {
+    if (t == I8) return static_cast<float>(static_cast<const int8_t *>(p)[i]);
     if (t == BF16) return bf(static_cast<const uint16_t *>(p)[i]);
     if (t == F16) return static_cast<float>(static_cast<const c10::Half *>(p)[i]);
     return static_cast<const float *>(p)[i];
@@ -733,6 +749,7 @@ void attn_scalar(const AttnArgs &a, int64_t b, int64_t h0, int64_t gb, int64_t j
             float s = 0.f;
             for (int64_t d = 0; d < D; d++) s += ld(a.q, qo + d, a.qt) * ld(a.k, ko + j * a.ks2 + d, a.kvt);
             sc[j - j0] = s * a.scale;
+            if (a.kvt == I8) sc[j - j0] *= static_cast<float>(a.ksc[b * a.kss0 + kvh * a.kss1 + j]);
             mx = std::max(mx, sc[j - j0]);
         }
         for (int64_t d = 0; d < D; d++) o[d] = 0.f;
@@ -740,7 +757,8 @@ void attn_scalar(const AttnArgs &a, int64_t b, int64_t h0, int64_t gb, int64_t j
             if (!m[j * a.ms3]) continue;
             const float p = std::exp(sc[j - j0] - mx);
             l += p;
-            for (int64_t d = 0; d < D; d++) o[d] += p * ld(a.v, vo + j * a.vs2 + d, a.kvt);
+            const float w = a.kvt == I8 ? p * static_cast<float>(a.vsc[b * a.vss0 + kvh * a.vss1 + j]) : p;
+            for (int64_t d = 0; d < D; d++) o[d] += w * ld(a.v, vo + j * a.vs2 + d, a.kvt);
         }
         o[D] = mx, o[D + 1] = l;
     }
@@ -751,6 +769,9 @@ void attn_scalar(const AttnArgs &a, int64_t b, int64_t h0, int64_t gb, int64_t j
 
 OAG_F512 __m512 ld16(const void *p, int64_t i, Dt t) {
     if (t == F32) return _mm512_loadu_ps(static_cast<const float *>(p) + i);
+    if (t == I8)
+        return _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(static_cast<const int8_t *>(p) + i))));
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const uint16_t *>(p) + i));
     if (t == F16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -791,7 +812,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void attn_avx512(const Attn
     // scores, four slots at a time. The cache comes from memory (it is larger than L2 over all layers) in short
     // per-head runs the hardware prefetcher barely ramps up on: K rows are prefetched ATTN_PF slots ahead, and the V
     // rows too, into L2, for the weighted sum that follows
-    const int64_t esz = a.kvt == F32 ? 4 : 2, row = D * esz;
+    const int64_t esz = a.kvt == F32 ? 4 : a.kvt == I8 ? 1 : 2, row = D * esz;
     const char *kb = static_cast<const char *>(a.k) + ko * esz, *vb = static_cast<const char *>(a.v) + vo * esz;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
@@ -818,6 +839,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void attn_avx512(const Attn
             for (int c = 0; c < C; c++) s = _mm512_fmadd_ps(q[g][c], ld16(a.k, ko + j * a.ks2 + 16 * c, a.kvt), s);
             sc[g * SS + j] = _mm512_reduce_add_ps(s);
         }
+    if (a.kvt == I8)
+        for (int g = 0; g < GB; g++) scale_scores(a, b, kvh, j0, n, sc + g * SS);
     // exp(s - max) over the allowed slots (the others get weight 0)
     for (int g = 0; g < GB; g++) {
         float *sg = sc + g * SS, mx = -INFINITY;
@@ -848,6 +871,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void attn_avx512(const Attn
         }
         part[g * (D + 2) + D] = mx;
         part[g * (D + 2) + D + 1] = _mm512_reduce_add_ps(sum);
+        if (a.kvt == I8) scale_probs(a, b, kvh, j0, n, sg);
     }
     __m512 o[GB][C];
     for (int g = 0; g < GB; g++)
@@ -895,6 +919,9 @@ AttnItem attn_avx512_for(int64_t D, int64_t gb) {
 
 OAG_F256 __m256 ld8(const void *p, int64_t i, Dt t) {
     if (t == F32) return _mm256_loadu_ps(static_cast<const float *>(p) + i);
+    if (t == I8)
+        return _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(static_cast<const int8_t *>(p) + i))));
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(static_cast<const uint16_t *>(p) + i));
     if (t == F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -935,7 +962,7 @@ __attribute__((target("avx2,fma,f16c"))) void attn_avx2(const AttnArgs &a, int64
     for (int g = 0; g < GB; g++)
         for (int c = 0; c < C; c++)
             q[g][c] = _mm256_mul_ps(ld8(a.q, b * a.qs0 + (h0 + g) * a.qs1 + 8 * c, a.qt), _mm256_set1_ps(a.scale));
-    const int64_t esz = a.kvt == F32 ? 4 : 2, row = D * esz;
+    const int64_t esz = a.kvt == F32 ? 4 : a.kvt == I8 ? 1 : 2, row = D * esz;
     const char *kb = static_cast<const char *>(a.k) + ko * esz, *vb = static_cast<const char *>(a.v) + vo * esz;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
@@ -962,6 +989,8 @@ __attribute__((target("avx2,fma,f16c"))) void attn_avx2(const AttnArgs &a, int64
             for (int c = 0; c < C; c++) s = _mm256_fmadd_ps(q[g][c], ld8(a.k, ko + j * a.ks2 + 8 * c, a.kvt), s);
             sc[g * SS + j] = hsum8(s);
         }
+    if (a.kvt == I8)
+        for (int g = 0; g < GB; g++) scale_scores(a, b, kvh, j0, n, sc + g * SS);
     // exp(s - max) over the allowed slots (the others get weight 0)
     for (int g = 0; g < GB; g++) {
         float *sg = sc + g * SS, mx = -INFINITY;
@@ -983,6 +1012,7 @@ __attribute__((target("avx2,fma,f16c"))) void attn_avx2(const AttnArgs &a, int64
         }
         part[g * (D + 2) + D] = mx;
         part[g * (D + 2) + D + 1] = l;
+        if (a.kvt == I8) scale_probs(a, b, kvh, j0, n, sg);
     }
     __m256 o[GB][C];
     for (int g = 0; g < GB; g++)
@@ -1178,8 +1208,8 @@ bool attn_dtype(const at::Tensor &t) {
 // q reads row b), mask (B or 1, 1, 1, S) bool, True where a query may attend -> (B, H, 1, D) in q's dtype: SDPA
 // with a boolean mask and enable_gqa, for one query position. A row whose mask allows nothing gives zeros (SDPA:
 // NaN).
-at::Tensor decode_attention(const at::Tensor &q_, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
-                            std::optional<double> scale, int64_t path) {
+at::Tensor attention_impl(const at::Tensor &q_, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
+                          std::optional<double> scale, int64_t path, const at::Tensor *ksc, const at::Tensor *vsc) {
     TORCH_CHECK(q_.dim() == 4 && q_.size(2) == 1, "q must be (B, H, 1, D), got ", q_.sizes());
     TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "k and v must both be (B, KV, S, D), got ", k.sizes(), " and ",
                 v.sizes());
@@ -1189,17 +1219,30 @@ at::Tensor decode_attention(const at::Tensor &q_, const at::Tensor &k, const at:
     TORCH_CHECK(k.size(0) >= B && k.size(3) == D && KV > 0 && H % KV == 0, "k/v ", k.sizes(), " do not match q ",
                 q_.sizes());
     TORCH_CHECK(attn_dtype(q_), "q must be fp32, bf16 or fp16");
-    TORCH_CHECK(k.scalar_type() == v.scalar_type() && attn_dtype(k), "k and v must have one dtype: fp32, bf16 or fp16");
+    if (ksc) {
+        TORCH_CHECK(k.scalar_type() == at::kChar && v.scalar_type() == at::kChar, "k and v must be int8");
+        for (const at::Tensor *t : {ksc, vsc})
+            TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 3 && t->size(0) >= B && t->size(1) == KV &&
+                            t->size(2) == S && t->stride(2) == 1,
+                        "the scales must be (B, KV, S) fp16 and contiguous over slots, got ", t->sizes(), " ",
+                        t->scalar_type());
+    } else {
+        TORCH_CHECK(k.scalar_type() == v.scalar_type() && attn_dtype(k), "k and v must have one dtype: fp32, bf16 or fp16");
+    }
     TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k and v must be contiguous in their last dimension");
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == B || mask.size(0) == 1) &&
                     mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == S,
                 "mask must be (B, 1, 1, S) bool, got ", mask.sizes());
     const at::Tensor q = q_.contiguous();
     at::Tensor out = at::empty({B, H, 1, D}, q.options());
-    const AttnArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr<bool>(), dt_of(q), dt_of(k),
-                     B, H, KV, S, D, H * D, D, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-                     v.stride(2), mask.size(0) == 1 ? 0 : mask.stride(0), mask.stride(3),
-                     static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D)))};
+    AttnArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr<bool>(), dt_of(q), ksc ? I8 : dt_of(k),
+               B, H, KV, S, D, H * D, D, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+               v.stride(2), mask.size(0) == 1 ? 0 : mask.stride(0), mask.stride(3),
+               static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D)))};
+    if (ksc) {
+        a.ksc = ksc->data_ptr<c10::Half>(), a.vsc = vsc->data_ptr<c10::Half>();
+        a.kss0 = ksc->stride(0), a.kss1 = ksc->stride(1), a.vss0 = vsc->stride(0), a.vss1 = vsc->stride(1);
+    }
     const int64_t use = path < 0 ? attn_path(D) : std::min(path, attn_path(D));
     // items: (row, kv head, group of up to 4 query heads, chunk of slots); groups as even as they can be, and
     // rows cut into chunks of at least ATTN_MIN_SLOTS until a row has two items a thread (not more for more rows:
@@ -1256,6 +1299,18 @@ at::Tensor decode_attention(const at::Tensor &q_, const at::Tensor &k, const at:
     return out;
 }
 
+at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
+                            std::optional<double> scale, int64_t path) {
+    return attention_impl(q, k, v, mask, scale, path, nullptr, nullptr);
+}
+
+// the int8 KV cache's: k/v (B, KV, S, D) int8 codes, k_scale/v_scale (B, KV, S) fp16; key j is k[j] * k_scale[j]
+at::Tensor decode_attention_q8(const at::Tensor &q, const at::Tensor &k, const at::Tensor &k_scale, const at::Tensor &v,
+                               const at::Tensor &v_scale, const at::Tensor &mask, std::optional<double> scale,
+                               int64_t path) {
+    return attention_impl(q, k, v, mask, scale, path, &k_scale, &v_scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(openautoglm, m) {
@@ -1267,6 +1322,8 @@ TORCH_LIBRARY(openautoglm, m) {
     m.def("int8_gemv_path(int K) -> int", [](int64_t k) { return int8_path(k); });
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float? scale=None, int path=-1) -> Tensor");
     m.def("decode_attention_path(int head_dim) -> int", [](int64_t d) { return attn_path(d); });
+    m.def("decode_attention_q8(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, Tensor mask, "
+          "float? scale=None, int path=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openautoglm, CPU, m) {
@@ -1274,6 +1331,7 @@ TORCH_LIBRARY_IMPL(openautoglm, CPU, m) {
     m.impl("int4_gemv_a8", &int4_gemv_a8);
     m.impl("int8_gemv", &int8_gemv);
     m.impl("decode_attention", &decode_attention);
+    m.impl("decode_attention_q8", &decode_attention_q8);
 }
 
 // C shims: AOTInductor packages compiled with these in `aot_inductor.custom_ops_to_c_shims` (kernels.c_shims())
@@ -1318,6 +1376,18 @@ AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandl
     AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
         const std::optional<double> s = scale ? std::optional<double>(*scale) : std::nullopt;
         *ret0 = new_tensor_handle(decode_attention(T(q), T(k), T(v), T(mask), s, path));
+    });
+}
+
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_decode_attention_q8(AtenTensorHandle q, AtenTensorHandle k,
+                                                                    AtenTensorHandle k_scale, AtenTensorHandle v,
+                                                                    AtenTensorHandle v_scale, AtenTensorHandle mask,
+                                                                    double *scale, int64_t path,
+                                                                    AtenTensorHandle *ret0) {
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+        const std::optional<double> s = scale ? std::optional<double>(*scale) : std::nullopt;
+        *ret0 = new_tensor_handle(
+            decode_attention_q8(T(q), T(k), T(k_scale), T(v), T(v_scale), T(mask), s, path));
     });
 }
 }

@@ -9,6 +9,12 @@ any subset of its sequences in a step.
 
 The model sees it through two calls: ``begin(positions) -> mask`` once per forward, and
 ``update(layer, k, v) -> (k_all, v_all)`` in each attention layer.
+
+An int8 cache (``dtype=torch.int8``, ``--kv-dtype int8``) stores each (token, kv head) vector as int8 codes with
+one fp16 scale, symmetric (:func:`quantize_kv`): 66 bytes for a 64-wide head against bf16's 128. Its ``update``
+returns ``(codes, scales)`` pairs, which the attention reads as stored (``kernels.decode_attention_q8``) or
+dequantizes (:func:`dequantize_kv`, the eager path); a prompt's own keys are attended quantized too, so a prefix
+computed in one chunk or several gives the same values.
 """
 
 from __future__ import annotations
@@ -16,6 +22,26 @@ from __future__ import annotations
 import torch
 
 from ..models.layers import from_start
+
+
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D) -> int8 codes (..., D) and fp16 scales (...): scale = max|x| / 127 rounded to fp16, codes =
+    round(x / scale) clamped to [-127, 127] (an all-zero vector: scale 0, codes 0)."""
+    xf = x.float()
+    scales = (xf.abs().amax(-1) / 127).clamp(max=65504.0).to(torch.float16)
+    s = scales.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    codes = torch.round(xf / s.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes x scales in fp32 (float64 if asked), then ``dtype``."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    return (codes.to(ct) * scales.to(ct).unsqueeze(-1)).to(dtype)
 
 
 def activation_dtype(model) -> torch.dtype:
@@ -36,19 +62,34 @@ class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv: int, max_len: int, head_dim: int,
                  dtype=torch.float32, device=None):
         shape = (batch, n_kv, max_len, head_dim)
-        self._bind([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+
+        def zeros(shape, dt):
+            return [torch.zeros(shape, dtype=dt, device=device) for _ in range(n_layers)]
+
+        scales = (zeros(shape[:3], torch.float16), zeros(shape[:3], torch.float16)) if dtype == torch.int8 else ()
+        self._bind(zeros(shape, dtype), zeros(shape, dtype), *scales)
 
     @classmethod
-    def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor], static_len: int | None = None) -> "KVCache":
-        """A cache over existing (batch, n_kv, max_len, head_dim) tensors (a compiled step's inputs)."""
+    def from_tensors(cls, tensors: list[torch.Tensor], static_len: int | None = None) -> "KVCache":
+        """A cache over existing tensors, as :meth:`tensors` lists them (a compiled step's inputs)."""
         c = cls.__new__(cls)
-        c._bind(list(k), list(v))
+        tensors = list(tensors)
+        n = len(tensors) // (4 if tensors[0].dtype == torch.int8 else 2)
+        c._bind(*(tensors[i:i + n] for i in range(0, len(tensors), n)))
         c.static_len = static_len
         return c
 
-    def _bind(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds: keys, values, then (int8) their scales, a list per layer each."""
+        return self.k + self.v + self.k_scale + self.v_scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    def _bind(self, k: list[torch.Tensor], v: list[torch.Tensor], k_scale=(), v_scale=()) -> None:
         self.k, self.v = k, v
+        self.k_scale, self.v_scale = list(k_scale), list(v_scale)  # (batch, n_kv, max_len) fp16 for int8
         self.batch, self.n_kv, self.max_len, _ = k[0].shape
         self._step = None
         self._slots = None  # cache rows the next steps run on; None = rows 0..B-1
@@ -78,20 +119,20 @@ class KVCache:
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy cache row ``src``'s first ``length`` slots to row ``dst`` (a scheduler compacting its rows)."""
         if src != dst and length > 0:
-            for t in self.k + self.v:
+            for t in self.tensors():
                 t[dst, :, :length] = t[src, :, :length]
 
     def swap_rows(self, a: int, b: int, length: int) -> None:
         """Exchange the first ``length`` slots of cache rows ``a`` and ``b``."""
         if a != b and length > 0:
-            for t in self.k + self.v:
+            for t in self.tensors():
                 tmp = t[a, :, :length].clone()
                 t[a, :, :length] = t[b, :, :length]
                 t[b, :, :length] = tmp
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def begin(self, positions: torch.Tensor, kv_len: int | None = None):
         """Set up one forward step. positions (B, T); batch rows map to cache rows as set by :meth:`select`.
@@ -117,8 +158,11 @@ class KVCache:
         return j[None, None, None, :] <= positions[:, None, :, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v (B, KV, T, hd) at the step's positions; return this step's view (B, KV, kv_len, hd)."""
+        """Write k/v (B, KV, T, hd) at the step's positions; return this step's view (B, KV, kv_len, hd) (int8: a
+        ``(codes, scales)`` pair each)."""
         rows, heads, pos, kv_len, run, slots, fresh = self._step
+        if self.k_scale:
+            return self._update_q8(layer, k, v)
         kc, vc = self.k[layer], self.v[layer]
         k, v = k.to(kc.dtype), v.to(vc.dtype)  # the cache may be stored narrower (O3: fp16)
         kc.index_put_((rows, heads, pos), k)
@@ -129,3 +173,19 @@ class KVCache:
             a, b = run
             return kc[a:b, :, :kv_len], vc[a:b, :, :kv_len]
         return kc[slots, :, :kv_len], vc[slots, :, :kv_len]
+
+    def _update_q8(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        rows, heads, pos, kv_len, run, slots, fresh = self._step
+        out = []
+        for x, codes, scales in ((k, self.k[layer], self.k_scale[layer]), (v, self.v[layer], self.v_scale[layer])):
+            xq, xs = quantize_kv(x)
+            codes.index_put_((rows, heads, pos), xq)
+            scales.index_put_((rows, heads, pos), xs)
+            if fresh:
+                out.append((xq, xs))
+            elif run is not None:
+                a, b = run
+                out.append((codes[a:b, :, :kv_len], scales[a:b, :, :kv_len]))
+            else:
+                out.append((codes[slots, :, :kv_len], scales[slots, :, :kv_len]))
+        return out[0], out[1]

@@ -27,6 +27,11 @@ def evaluation_text() -> str:
     return t[len(t) // 2 :]
 
 
+def calibration_tokens(tokenizer, n: int) -> list[int]:
+    """Up to ``n`` tokens from the start of the calibration split (what the int8 KV cache's key smoothing sees)."""
+    return tokenizer.encode(calibration_text()[: 12 * n], add_special_tokens=False)[:n]
+
+
 def prompt_tokens(tokenizer, n: int) -> list[int]:
     """Exactly ``n`` tokens of real prose/code from the evaluation split (for benchmarks)."""
     ids = tokenizer.encode(evaluation_text(), add_special_tokens=False)

@@ -172,6 +172,11 @@ class Engine:
             key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights, kv_dtype)
         self.compiled = compile_model(self.model, level, max_batch=max_batch, max_len=max_len, progress=self.progress,
                                       kv_dtype=kv_dtype)
+        cache = self.compiled.cache
+        if cache is not None and cache.dtype == torch.int8:  # its key smoothing, from real text
+            from .data import calibration_tokens
+
+            cache.calibrate_keys(self.model, calibration_tokens(self.tokenizer, min(512, cache.max_len)))
         self.optimize_level = level
         if key is not None:
             background.mark_warm(key, {"model": str(self.model_path), "max_batch": max_batch, "max_len": max_len,

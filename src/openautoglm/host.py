@@ -63,28 +63,3 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-_KEPT = False
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse (once a process; a no-op elsewhere). By default it returns
-    every large block to the kernel at free (mmap'd, or trimmed off the heap's top), so each prefill's activations
-    and dequantized weights are mapped, faulted in and zeroed page by page anew: Qwen 1.5B, a 256-token prefill,
-    ~800k page faults and 1.6 s of kernel time on a 1.2 s computation. llama.cpp plans its compute buffers once;
-    this is torch's equivalent. The peak stays the same; memory freed after the peak is not handed back."""
-    global _KEPT
-    if _KEPT:
-        return True
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    # blocks up to 32 MB (glibc's largest threshold) come from the heap, and its top is never trimmed
-    _KEPT = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) & bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    return _KEPT

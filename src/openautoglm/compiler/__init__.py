@@ -80,7 +80,7 @@ def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = N
     t0 = time.perf_counter()
     if level == "O0":
         return Compiled("O0", model)
-    from ..host import keep_freed_memory
+    from ..sysmem import keep_freed_memory
 
     keep_freed_memory()  # prefill's large temporaries reuse memory instead of faulting pages in at every call
     passes = run_passes(model)

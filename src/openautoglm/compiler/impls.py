@@ -109,8 +109,11 @@ class DecodeAttention(nn.Module):
     def forward(self, q, k, v, mask, scale=None):
         if q.shape[2] != 1:
             return attention(q, k, v, mask, scale)
-        if isinstance(k, tuple):  # the int8 cache: codes and scales read as stored
-            o = torch.ops.openautoglm.decode_attention_q8(q, k[0], k[1], v[0], v[1], mask, scale)
+        if isinstance(k, tuple):  # the int8 cache: codes and scales read as stored; the queries take the key
+            # smoothing (q.k = (q*s).(k/s)), each query head its kv head's
+            H, KV = q.shape[1], k[2].shape[0]
+            qs = q.float() * k[2].repeat_interleave(H // KV, 0)[None, :, None, :]
+            o = torch.ops.openautoglm.decode_attention_q8(qs, k[0], k[1], v[0], v[1], mask, scale).to(q.dtype)
         else:
             o = torch.ops.openautoglm.decode_attention(q, k, v, mask, scale)
         B, H, _, D = o.shape

@@ -123,6 +123,24 @@ def from_start(positions: torch.Tensor) -> bool:
     return T > 1 and bool((positions == torch.arange(T, device=positions.device)).all())
 
 
+# the int8 KV cache's format (runtime/kv_cache.py), here because the attention reads it
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D) -> int8 codes (..., D) and fp16 scales (...): scale = max|x| / 127 rounded to fp16, codes =
+    round(x / scale) clamped to [-127, 127] (an all-zero vector: scale 0, codes 0)."""
+    xf = x.float()
+    scales = (xf.abs().amax(-1) / 127).clamp(max=65504.0).to(torch.float16)
+    s = scales.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    codes = torch.round(xf / s.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes x scales in fp32 (float64 if asked), then ``dtype``."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    return (codes.to(ct) * scales.to(ct).unsqueeze(-1)).to(dtype)
+
+
 CAUSAL_CHUNK = 128  # queries a causal attention call takes at a time (see attention)
 
 
@@ -132,10 +150,9 @@ def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
 
     ``mask=None``: k/v are the T positions of q themselves, attended causally, instead of a mask over the whole
     planned cache (SmolLM2, a 256-token prompt over a 512-slot plan: 47 -> 30 ms of attention a prefill)."""
-    if isinstance(k, tuple):  # the int8 cache's (codes, scales)
-        from ..runtime.kv_cache import dequantize_kv
-
-        k, v = dequantize_kv(*k, q.dtype), dequantize_kv(*v, q.dtype)
+    if isinstance(k, tuple):  # the int8 cache's (codes, scales, key smoothing) and (codes, scales)
+        sm = k[2][None, :, None, :]
+        k, v = (dequantize_kv(k[0], k[1], torch.float32) * sm).to(q.dtype), dequantize_kv(*v, q.dtype)
     gqa = q.shape[1] != k.shape[1]
     if k.dtype != q.dtype:  # a cache stored narrower than the activations
         k, v = k.to(q.dtype), v.to(q.dtype)

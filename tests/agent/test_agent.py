@@ -224,3 +224,57 @@ def test_after_a_tool_error_the_model_must_act_again(tiny_engine, max_steps):
         assert offered == [["ping"], ["ping"], ["ping", "final_answer"]]
     else:  # the last step answers even right after an error
         assert out["answer"] == "gave up" and offered == [["ping"], ["ping", "final_answer"]]
+
+
+def test_a_long_history_is_trimmed_to_fit_the_context(tiny_engine):
+    """Scripted replies (the model is not under test): 24 calls whose results are 2000 characters each, in a
+    2600-token context. Every step's prompt (real tokenizer and chat template) plus max_tokens fits; the oldest
+    results are elided first, then the oldest calls dropped; the system message, the task and the last two calls
+    with their full results stay; in a 700-token context those two results are shortened; and an agent whose
+    history fits trims nothing."""
+    from openautoglm.toolcall import new_call
+
+    t = Tool("read", "Read page n.", {"type": "object", "properties": {"n": {"type": "integer"}},
+                                      "required": ["n"], "additionalProperties": False},
+             lambda n: f"page {n}: " + "lorem ipsum " * 300)
+
+    def scripted(n_calls, **kw):
+        lens, hist = [], []
+
+        class Scripted(Agent):
+            def _generate(self, messages, sampling=None, **k):
+                plan = self._fit(messages, **k)
+                lens.append(len(plan.prompt_ids))
+                hist.append([dict(m) for m in messages])
+                step = len(lens) - 1
+                call = ("read", {"n": step}) if step < n_calls else ("final_answer", {"answer": "done"})
+                return {"role": "assistant", "content": None, "tool_calls": [new_call(*call)]}, 5
+
+        out = Scripted(tiny_engine, [t], max_steps=n_calls + 2, max_tokens=64, progress=False, plan=False,
+                       **kw).run("go")
+        return out, lens, hist
+
+    # room for the last two results (~1000 tokens each) whole; 24 elided calls (~40 tokens each) do not fit too
+    out, lens, hist = scripted(24, max_context=2600)
+    assert out["answer"] == "done" and len(out["steps"]) == 24
+    assert max(lens) + 64 <= 2600
+    last = hist[-1]
+    assert last[0]["role"] == "system" and last[1] == {"role": "user", "content": "go"}
+    tool_msgs = [m["content"] for m in last if m["role"] == "tool"]
+    assert tool_msgs[-2:] == [o["observation"] for o in out["steps"][-2:]]  # the last two stay whole
+    assert all(c.startswith("[result elided") for c in tool_msgs[:-2])
+    calls = [json.loads(m["tool_calls"][0]["function"]["arguments"])["n"] for m in last if m.get("tool_calls")]
+    assert calls == list(range(calls[0], 24)) and calls[0] > 0  # the oldest were dropped, the rest kept in order
+    # a context too small for even the last two results: those are shortened (from the start: what a reader
+    # sees first), and every prompt still fits
+    out, lens, hist = scripted(4, max_context=700)
+    assert out["answer"] == "done" and max(lens) + 64 <= 700
+    kept = [m["content"] for m in hist[-1] if m["role"] == "tool"]
+    assert kept and all(c.endswith("[... cut to fit the context]") for c in kept)
+    assert all(o["observation"].startswith(c.split("\n[... cut")[0]) for c, o in zip(kept, out["steps"][-len(kept):]))
+    # a history that fits is left alone
+    out2, lens2, hist2 = scripted(3, max_context=100000)
+    assert all(not m["content"].startswith("[result elided") for m in hist2[-1] if m["role"] == "tool")
+    assert [m.get("tool_calls") is not None for m in hist2[-1]].count(True) == 3
+    with pytest.raises(InvalidParameterError, match="max_context"):
+        Agent(tiny_engine, [t], max_tokens=64, max_context=64)

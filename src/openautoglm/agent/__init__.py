@@ -10,6 +10,12 @@ seeded) instead of greedy: greedy decoding on a nearly unchanged history tends t
 After ``max_steps`` calls the answer is forced (``final_answer`` named). Every step is logged as a JSON line
 (``log``), progress goes to stderr.
 
+The history is kept within the context (``max_context``: the engine's planned cache, else the model's window),
+as chat front ends trim a conversation: when a step's prompt and its ``max_tokens`` would not fit, the oldest tool
+results are replaced by a one-line note, then the oldest calls are dropped with their results, then the last two
+calls' results are shortened; the system message, the task, the plan and the last two calls stay. The trimmed history is kept, so the steps after it
+re-read nothing (the engine's prefix reuse).
+
     from openautoglm import Engine
     from openautoglm.agent import Agent, default_tools
     agent = Agent(Engine("qwen2.5-coder-1.5b"), default_tools(["python", "sql"], db="shop.sqlite"))
@@ -36,6 +42,7 @@ ANSWER = Tool("final_answer", "Give the final answer to the task.",
               {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 2000}},
                "required": ["answer"], "additionalProperties": False}, lambda answer: answer)
 RESAMPLE = {"temperature": 0.7, "top_p": 0.95}  # the step after a repeated call
+CUT = "\n[... cut to fit the context]"
 PLAN = {"type": "object", "properties": {"plan": {"type": "array", "items": {"type": "string", "maxLength": 300},
                                                   "minItems": 1, "maxItems": 5}},
         "required": ["plan"], "additionalProperties": False}
@@ -67,11 +74,20 @@ def default_tools(names, db: str | Path | None = None, docs: str | Path | None =
 
 
 class Agent:
+    KEEP = 2  # the last calls (and their results) that trimming never touches
+
     def __init__(self, engine, tools: list[Tool], max_steps: int = 8, max_tokens: int = 512,
                  log: str | Path | None = None, progress: bool = True, observation_chars: int = 2000,
-                 plan: bool = True):
+                 plan: bool = True, max_context: int | None = None):
         if max_steps < 1:
             raise InvalidParameterError("max_steps must be at least 1")
+        if max_context is None:
+            c = getattr(engine, "compiled", None)
+            planned = c.cache.max_len if c is not None and getattr(c, "cache", None) is not None else None
+            max_context = planned or engine.config.max_position_embeddings
+        if max_context <= max_tokens:
+            raise InvalidParameterError(f"max_context ({max_context}) must exceed max_tokens ({max_tokens})")
+        self.max_context = max_context
         names = [t.name for t in tools]
         if len(set(names)) != len(names) or "final_answer" in names:
             raise InvalidParameterError("tool names must be distinct and not 'final_answer'")
@@ -88,13 +104,46 @@ class Agent:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(rec, default=str) + "\n")
 
-    def _generate(self, messages, sampling: dict | None = None, **kw) -> tuple[dict, int]:
+    def _fit(self, messages: list[dict], **kw):
+        """The ChatPlan of ``messages``, trimmed in place first until its prompt and ``max_tokens`` fit."""
         from ..toolcall import ChatPlan
 
         plan = ChatPlan(self.engine.tokenizer, messages, **kw)
+        while len(plan.prompt_ids) + self.max_tokens > self.max_context and self._trim(messages):
+            plan = ChatPlan(self.engine.tokenizer, messages, **kw)
+        return plan
+
+    def _generate(self, messages, sampling: dict | None = None, **kw) -> tuple[dict, int]:
+        plan = self._fit(messages, **kw)
         res = self.engine._generate([plan.prompt_ids], {"max_tokens": self.max_tokens, "grammar": plan.grammar,
                                                         **(sampling or {})})[0]
         return plan.message(res.text), res.completion_tokens
+
+    def _trim(self, msgs: list[dict]) -> bool:
+        """Shorten ``msgs`` in place by one move: the oldest tool result not yet elided (outside the last KEEP
+        calls) becomes a note, else the oldest call goes with its result. False when nothing is left to trim
+        (the generation then fails with a clear ContextLengthExceededError)."""
+        calls = [i for i, m in enumerate(msgs) if m.get("role") == "assistant" and m.get("tool_calls")]
+        old = calls[: max(0, len(calls) - self.KEEP)]
+        for i in old:
+            r = msgs[i + 1] if i + 1 < len(msgs) and msgs[i + 1].get("role") == "tool" else None
+            if r is not None and not r["content"].startswith("[result elided"):
+                r["content"] = f"[result elided to fit the context: {len(r['content'])} characters]"
+                self._log({"event": "trim", "elided": msgs[i]["tool_calls"][0]["function"]["name"]})
+                return True
+        if old:
+            i = old[0]
+            n = 2 if i + 1 < len(msgs) and msgs[i + 1].get("role") == "tool" else 1
+            self._log({"event": "trim", "dropped": msgs[i]["tool_calls"][0]["function"]["name"]})
+            del msgs[i:i + n]
+            return True
+        for m in msgs:  # the kept results themselves, oldest first, halved down to 200 characters
+            if m.get("role") == "tool" and len(m["content"]) > 200 + len(CUT):
+                body = m["content"].removesuffix(CUT)
+                m["content"] = body[: max(200, len(body) // 2)] + CUT
+                self._log({"event": "trim", "cut_to": len(m["content"])})
+                return True
+        return False
 
     def _call(self, name: str, args: dict) -> str:
         """Run a tool; anything that goes wrong is the observation, never an exception."""

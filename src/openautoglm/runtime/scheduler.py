@@ -176,6 +176,7 @@ class Scheduler:
         self.cache.static_len = None
         self.kept.clear()  # a new cache holds nothing
         self.kept_at.clear()
+        self._steps: dict[int, bool] = {}  # attended length -> whether the runner has a compiled step for it
         self.bytes_per_token = self.cache.nbytes // (self.cache.batch * self.cache.max_len)
         self.device = model_device(model)
 
@@ -410,6 +411,12 @@ class Scheduler:
         self.kept.pop(slot, None)
         self.kept_at.pop(slot, None)
 
+    def _keep(self, slot: int, r: Request) -> None:
+        """Free row ``slot`` holds r's tokens (from slot 0): a prefix the next requests may reuse."""
+        if self.prefix_cache:
+            self.kept[slot] = self._content(r)
+            self.kept_at[slot] = time.monotonic()
+
     @staticmethod
     def _content(r: Request) -> list[int]:
         """The tokens whose keys and values r's cache row holds, from slot 0."""
@@ -450,9 +457,8 @@ class Scheduler:
             self.free_slots.append(r.slot)
             self.free_slots.sort()
             self.reserved -= r.reservation
-            if self.prefix_cache and r.finish_reason != "error" and (r.prefilled or r.fed):
-                self.kept[r.slot] = self._content(r)
-                self.kept_at[r.slot] = time.monotonic()
+            if r.finish_reason != "error" and (r.prefilled or r.fed):
+                self._keep(r.slot, r)
 
     def _finish(self, r: Request, reason: str) -> None:
         """End r from outside the token path (cancelled, timeout). Caller holds the lock."""
@@ -511,9 +517,7 @@ class Scheduler:
                     self.free_slots.remove(s)
                     self.free_slots.append(r.slot)
                     self.free_slots.sort()
-                    if self.prefix_cache:  # the row left behind still holds a copy of r's tokens
-                        self.kept[r.slot] = self._content(r)
-                        self.kept_at[r.slot] = time.monotonic()
+                    self._keep(r.slot, r)  # the row left behind still holds a copy of r's tokens
                 else:
                     self.cache.swap_rows(r.slot, s, max(self._written(r), self._written(other)))
                     self.row_swaps += 1
@@ -530,7 +534,10 @@ class Scheduler:
         b, top = self.len_bucket, self.cache.max_len
         n = min(-(-(max(self._written(r) for r in rs)) // b) * b, top)  # each row attends up to its position
         for m in [*range(n, top, b), top]:
-            if has(m):
+            ok = self._steps.get(m)
+            if ok is None:  # asked once a length (a step is never compiled while serving: the answer holds)
+                ok = self._steps[m] = bool(has(m))
+            if ok:
                 return m
         return None
 

@@ -67,7 +67,7 @@ def test_dequant_of_gguf_py_quantized_weights(qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-@pytest.mark.parametrize("M", [1, 3, 6])
+@pytest.mark.parametrize("M", [1, 3, 6, 9])
 def test_gemv_is_the_dequantized_weights_times_the_quantized_activations(qtype, M):
     K = 768 if BLOCK_SIZES[qtype][0] == 256 else 544  # K=544: 17 blocks, an odd count
     if K % BLOCK_SIZES[qtype][0]:

@@ -230,8 +230,9 @@ def test_int8_kv_cache_compiled_decode_matches_the_eager_one(tiny_engine_dir, oa
     monkeypatch.setattr(autotune, "_time_all",
                         lambda fs, x, rounds=5: {n: {"decode": 0.0}.get(n, 1.0) for n in fs})
     monkeypatch.setattr(autotune, "cache_file", lambda: oag_cache / "autotune-kv8.json")
-    e1 = Engine(model=tiny_engine_dir, progress=False).compile("O1", max_batch=2, max_len=256, kv_dtype="int8")
-    e3 = Engine(model=tiny_engine_dir, progress=False).compile("O3", max_batch=2, max_len=256, kv_dtype="int8")
+    # (one length bucket: the prompts and their 20 tokens fit in 128, and the step compiles once)
+    e1 = Engine(model=tiny_engine_dir, progress=False).compile("O1", max_batch=2, max_len=128, kv_dtype="int8")
+    e3 = Engine(model=tiny_engine_dir, progress=False).compile("O3", max_batch=2, max_len=128, kv_dtype="int8")
     assert sum(isinstance(m, DecodeAttention) for m in e3.model.modules()) == e3.model.config.num_hidden_layers
     for e in (e1, e3):
         c = e.compiled.cache

@@ -842,14 +842,90 @@ OAG_AVX512 void rows_b512_tile(const Args &g, int64_t n, int64_t m0) {
     for (int t = 0; t < MT; t++) g.y[(m0 + t) * g.N + n] = _mm512_reduce_add_ps(acc[t]) + macc[t];
 }
 
+// rows_b512_tile over NT weight rows at once (a tile of NT x MT dot products): each block pair's codes are
+// unpacked once for the MT activation rows, each activation pair loaded once for the NT weight rows, and the
+// per-pair scale vectors built once a row instead of once a product. Per (activation row, weight row) the same
+// operations in the same order as rows_b512_tile (d * dx is the same product as a scalar or in a lane): the output
+// is bit-identical. Qwen2.5-0.5B's Q5_0 layers at 16 rows: ~2x fewer instructions a 64-weight product.
+template <int64_t T, int NT, int MT>
+OAG_AVX512 void rows_b512_tile2(const Args &g, int64_t n0, int64_t m0) {
+    constexpr int64_t bytes = layout(T).bytes;
+    const int64_t nb = g.K / 32;
+    const uint8_t *row[NT];
+    for (int u = 0; u < NT; u++) row[u] = g.raw + (n0 + u) * g.rb;
+    __m512 acc[NT][MT];
+    float macc[NT][MT];
+    for (int u = 0; u < NT; u++)
+        for (int t = 0; t < MT; t++) {
+            acc[u][t] = _mm512_setzero_ps();
+            macc[u][t] = 0.0f;
+        }
+    for (int64_t b = 0; b < nb; b += 2) {
+        const bool two = b + 1 < nb;
+        __m512i cw[NT];  // the weight rows' codes (unsigned; Q8_0: their magnitudes)
+        __m256i c0[NT], c1[NT];
+        __m512 dw[NT];  // d0 in the low 8 lanes, d1 in the high 8
+        float o0[NT], o1[NT];
+        for (int u = 0; u < NT; u++) {
+            const uint8_t *b0 = row[u] + b * bytes, *b1 = two ? b0 + bytes : b0;
+            _mm_prefetch(reinterpret_cast<const char *>(b0 + PF_AHEAD), _MM_HINT_T0);
+            const float d0 = h2f_fast(b0), d1 = h2f_fast(b1);
+            dw[u] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+            if constexpr (T == Q8_0) {
+                c0[u] = ld32(b0 + 2);
+                c1[u] = ld32(b1 + 2);
+                cw[u] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(c0[u], c0[u])),
+                                           _mm256_sign_epi8(c1[u], c1[u]), 1);
+                o0[u] = o1[u] = 0.0f;
+            } else {
+                cw[u] = codes_u2<T>(b0, b1);
+                o0[u] = offset_u<T>(b0, d0);
+                o1[u] = two ? offset_u<T>(b1, d1) : 0.0f;
+            }
+        }
+        for (int t = 0; t < MT; t++) {
+            const int64_t mi = m0 + t;
+            const int8_t *xq = g.a->q.data() + mi * g.K + b * 32;
+            const float *xd = g.a->d.data() + mi * nb, *xs = g.a->fs.data() + mi * nb;
+            const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
+            const __m256i q1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32)) : _mm256_setzero_si256();
+            const float dx0 = xd[b], dx1 = two ? xd[b + 1] : 0.0f;
+            const __m512 dx = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dx0), _mm512_set1_ps(dx1));
+            const float xs0 = xs[b], xs1 = two ? xs[b + 1] : 0.0f;
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+            for (int u = 0; u < NT; u++) {
+                __m512i p;
+                if constexpr (T == Q8_0) {
+                    const __m512i sq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(q0, c0[u])),
+                                                          _mm256_sign_epi8(q1, c1[u]), 1);
+                    p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cw[u], sq);
+                } else {
+                    p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cw[u], q);
+                    macc[u][t] += std::fma(o0[u], xs0, two ? o1[u] * xs1 : 0.0f);
+                }
+                acc[u][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw[u], dx), acc[u][t]);
+            }
+        }
+    }
+    for (int u = 0; u < NT; u++)
+        for (int t = 0; t < MT; t++) g.y[(m0 + t) * g.N + n0 + u] = _mm512_reduce_add_ps(acc[u][t]) + macc[u][t];
+}
+
 // one activation row: rows_*_r, two weight rows at a time; several: tiles of 4 activation rows a weight row
-constexpr int64_t TILE_M = 4;
+// (32-blocks: of 4 weight rows x 4 activation rows)
+constexpr int64_t TILE_M = 4, TILE_N = 4;
 
 template <int64_t T>
 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) void rows_b512(const Args &g, int64_t n0,
                                                                                              int64_t n1) {
     if (g.M > 1) {
-        for (int64_t n = n0; n < n1; n++) {
+        int64_t n = n0;
+        for (; n + TILE_N <= n1; n += TILE_N) {
+            int64_t m = 0;
+            for (; m + TILE_M <= g.M; m += TILE_M) rows_b512_tile2<T, TILE_N, TILE_M>(g, n, m);
+            for (; m < g.M; m++) rows_b512_tile2<T, TILE_N, 1>(g, n, m);
+        }
+        for (; n < n1; n++) {
             int64_t m = 0;
             for (; m + TILE_M <= g.M; m += TILE_M) rows_b512_tile<T, TILE_M>(g, n, m);
             for (; m < g.M; m++) rows_b512_tile<T, 1>(g, n, m);

@@ -108,13 +108,33 @@ def tiny_engine(tiny_engine_dir):
     return Engine(model=tiny_engine_dir, progress=False)
 
 
+# the native operators, built once for the session (~30 s): a library is keyed by its source, compiler and flags,
+# so a fresh cache (a test's, or a subprocess's) shares it instead of building it again
+_KERNELS = None
+
+
+def private_cache(d: Path) -> Path:
+    """``d`` made an empty OPENAUTOGLM_CACHE (nothing compiled, tuned or measured) whose native-kernel builds are
+    the session's."""
+    global _KERNELS
+    if _KERNELS is None:
+        from openautoglm.host import cache_root
+
+        _KERNELS = cache_root() / "kernels"
+        _KERNELS.mkdir(parents=True, exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "kernels").exists():
+        (d / "kernels").symlink_to(_KERNELS, target_is_directory=True)
+    return d
+
+
 @pytest.fixture(scope="module")
 def oag_cache(tmp_path_factory):
     """A private OPENAUTOGLM_CACHE (sensitivities, autotune choices, inductor artifacts) shared by one module's
     tests, so they neither read nor pollute the user's cache."""
     import os
 
-    d = tmp_path_factory.mktemp("oag-cache")
+    d = private_cache(tmp_path_factory.mktemp("oag-cache"))
     old = os.environ.get("OPENAUTOGLM_CACHE")
     os.environ["OPENAUTOGLM_CACHE"] = str(d)
     yield d

@@ -57,7 +57,9 @@ def test_compiled_levels_are_measured_from_warm_caches(tiny_engine_dir, tmp_path
     # compiles nothing (before this, it compiled the packages and its peak RSS was the compile's)
     import os
 
-    env = {**os.environ, "OPENAUTOGLM_CACHE": str(tmp_path / "cache")}
+    from conftest import private_cache
+
+    env = {**os.environ, "OPENAUTOGLM_CACHE": str(private_cache(tmp_path / "cache"))}
     cmd = [sys.executable, "-m", "openautoglm.cli", "bench", "--model", str(tiny_engine_dir), "--configs", "O2:fp32",
            "--peers", "", "--prompt-tokens", "8", "--gen-tokens", "3", "--trials", "1", "--batch-sizes", "1",
            "--threads", "1", "--json", str(tmp_path / "b.json"), "--markdown"]
@@ -67,7 +69,7 @@ def test_compiled_levels_are_measured_from_warm_caches(tiny_engine_dir, tmp_path
     assert not r["skipped"] and r["packages_built"] == 0
     assert r["prepare_s"] > 0 and r["prepare_peak_rss_mb"] > 0
     assert "compile caches filled by a separate process first" in p.stdout
-    assert any((tmp_path / "cache").rglob("*.so"))  # the packages went to the private cache
+    assert any((tmp_path / "cache" / "aoti").glob("decode-*.pt2"))  # the packages went to the private cache
 
 
 def test_skipped_systems_say_why(bench_out):

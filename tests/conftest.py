@@ -110,18 +110,19 @@ def tiny_engine(tiny_engine_dir):
 
 # the native operators, built once for the session (~30 s): a library is keyed by its source, compiler and flags,
 # so a fresh cache (a test's, or a subprocess's) shares it instead of building it again
-_KERNELS = None
+def _session_kernels() -> Path:
+    from openautoglm.host import cache_root
+
+    return cache_root() / "kernels"
+
+
+_KERNELS = _session_kernels()  # (the user's cache, as the session starts: before any test points elsewhere)
 
 
 def private_cache(d: Path) -> Path:
     """``d`` made an empty OPENAUTOGLM_CACHE (nothing compiled, tuned or measured) whose native-kernel builds are
     the session's."""
-    global _KERNELS
-    if _KERNELS is None:
-        from openautoglm.host import cache_root
-
-        _KERNELS = cache_root() / "kernels"
-        _KERNELS.mkdir(parents=True, exist_ok=True)
+    _KERNELS.mkdir(parents=True, exist_ok=True)
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "kernels").exists():
         (d / "kernels").symlink_to(_KERNELS, target_is_directory=True)

@@ -303,7 +303,7 @@ def cmd_serve(a) -> int:
     app.state.on_fatal = lambda: setattr(server, "should_exit", True)
     sys.stderr.write(f"[openautoglm] serving {app.state.model_id} on http://{a.host}:{a.port}/v1 "
                      f"at {eng.compiled.level} (max batch {a.max_batch}, queue {a.max_queue}, KV cache "
-                     f"{app.state.scheduler.cache.nbytes / 2**20:.0f} MiB)\n")
+                     f"{app.state.scheduler.runner.cache.nbytes / 2**20:.0f} MiB)\n")
     server.run()
     if app.state.fatal:  # exit non-zero so a supervisor restarts the process
         sys.stderr.write(f"openautoglm: error: the server stopped: {app.state.fatal}\n")

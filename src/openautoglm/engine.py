@@ -17,6 +17,7 @@ import torch
 from .errors import DeviceNotAvailableError, InvalidParameterError, OptimizeLevelError
 from .hub import DEFAULT_MODEL, resolve
 from .runtime.generate import Generation, GenerationResult
+from .runtime.runner import ModelRunner
 from .runtime.sampler import SamplingParams
 from .sysmem import return_freed_memory
 
@@ -197,14 +198,17 @@ class Engine:
         if b.ok():
             self._compile("O3", *self._build_args)
 
-    def new_generation(self, prompts: list[list[int]], params, eos_ids=None) -> Generation:
-        """A :class:`Generation` on this engine's compiled runner and planned cache."""
+    def model_runner(self, compile_missing: bool = True) -> ModelRunner:
+        """What runs this engine's model as compiled now (see ``runtime/runner.py``): its planned cache, length
+        buckets and decode step. ``compile_missing=False``: a decode length with no built step runs on a longer
+        one (or eager) instead of compiling it (a server)."""
         self._switch_if_built()
-        c = getattr(self, "compiled", None)
-        if c is None:
-            return Generation(self.model, self.tokenizer, prompts, params, self.eos_ids if eos_ids is None else eos_ids)
-        return Generation(c.runner, self.tokenizer, prompts, params, self.eos_ids if eos_ids is None else eos_ids,
-                          cache=c.cache, len_bucket=c.len_bucket, session=c.session if c.cache is not None else None)
+        return ModelRunner.for_engine(self, compile_missing)
+
+    def new_generation(self, prompts: list[list[int]], params, eos_ids=None) -> Generation:
+        """A :class:`Generation` on this engine's runner."""
+        return Generation(self.model_runner(), self.tokenizer, prompts, params,
+                          self.eos_ids if eos_ids is None else eos_ids)
 
     # ---- compression ---------------------------------------------------------------------------------
     def quantize(self, scheme: str = "int4", group_size: int = 32, method: str = "gptq",

@@ -148,7 +148,7 @@ def test_memory_plan_is_reported_and_the_cache_reused(tiny_engine_dir, oag_cache
     g = e.new_generation([[1, 2, 3]], e._params(max_tokens=5))
     for _ in g:
         pass
-    assert g.cache is cache and [t.data_ptr() for t in cache.k] == ptrs
+    assert g.runner.cache is cache and [t.data_ptr() for t in cache.k] == ptrs
 
 
 def test_memory_plan_counts_the_int4_packs_the_layers_build(tiny_engine_dir, oag_cache):

@@ -97,8 +97,8 @@ def test_continuous_batching_on_the_compiled_step_equals_each_request_alone(engi
     prompts = _prompts(e0)
     max_tokens = [40, 7, 25, 3, 40, 12, 30]  # leave at different steps: rows free up mid-batch and get reused
     # a small prefill chunk: later requests prefill over several steps while the others decode
-    sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN, prefill_chunk=16,
-                      cache=c.cache, len_bucket=c.len_bucket)
+    sched = Scheduler(e2.model_runner(), e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN,
+                      prefill_chunk=16)
     calls0 = c.runner.compiled_calls
     served, lps = _serve(sched, prompts, max_tokens)
     for ids, n, got, lp in zip(prompts, max_tokens, served, lps):
@@ -116,10 +116,9 @@ def test_rows_moved_and_traded_keep_each_requests_context(engines):
     prefills in a low row while a decoding request above it trades rows with it. Every request still gives
     its tokens alone (a row moved without its context would not)."""
     e0, e2 = engines
-    c = e2.compiled
     # the prefix cache off: this scenario is built on requests taking the lowest free row
-    sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN, prefill_chunk=16,
-                      cache=c.cache, len_bucket=c.len_bucket, prefix_cache=False)
+    sched = Scheduler(e2.model_runner(), e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN,
+                      prefill_chunk=16, prefix_cache=False)
     g = torch.Generator().manual_seed(0)
     ids = {k: torch.randint(3, 1000, (n,), generator=g).tolist() for k, n in
            {"A": 5, "B": 5, "C": 5, "D": 5, "E": 60}.items()}
@@ -160,12 +159,11 @@ def test_a_shared_prefix_on_the_compiled_step_equals_each_request_alone(engines)
     prefix (from a running row or a kept one) and prefill only their tails, the rows move to decode on the
     compiled step, and each request gives its tokens alone on O0 (up to a near-tie), with O0's log-probabilities."""
     e0, e2 = engines
-    c = e2.compiled
     g = torch.Generator().manual_seed(1)
     P = torch.randint(3, 1000, (64,), generator=g).tolist()
     prompts = [P + [1000 + i] + torch.randint(3, 1000, (2 + 3 * i,), generator=g).tolist() for i in range(6)]
-    sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN, prefill_chunk=16,
-                      cache=c.cache, len_bucket=c.len_bucket)
+    sched = Scheduler(e2.model_runner(), e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN,
+                      prefill_chunk=16)
     max_tokens = [30, 8, 20, 12, 25, 6]
     served, lps = _serve(sched, prompts, max_tokens)
     assert sched.cached_tokens == 5 * 64
@@ -182,11 +180,11 @@ def test_a_context_whose_bucket_was_not_built_runs_on_a_longer_step(engines, mon
     c = e2.compiled
     built = c.runner.has_step
     monkeypatch.setattr(c.runner, "has_step", lambda n: n != 128 and built(n))
-    sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN, prefill_chunk=16,
-                      cache=c.cache, len_bucket=c.len_bucket)
+    sched = Scheduler(e2.model_runner(), e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN,
+                      prefill_chunk=16)
     lens = []
-    pick = sched._static_len
-    monkeypatch.setattr(sched, "_static_len", lambda rs, pos: lens.append(pick(rs, pos)) or lens[-1])
+    pick = sched.runner._static_len
+    monkeypatch.setattr(sched.runner, "_static_len", lambda *a: lens.append(pick(*a)) or lens[-1])
     prompts = _prompts(e0)[:4]  # every context under 128 tokens
     served, lps = _serve(sched, prompts, [10, 10, 10, 10])
     assert lens and set(lens) == {256} and sched.compiled_steps == len(lens)
@@ -198,9 +196,8 @@ def test_a_context_whose_bucket_was_not_built_runs_on_a_longer_step(engines, mon
 def test_a_plan_smaller_than_the_server_decodes_eager(engines):
     e0, e2 = engines
     c = e2.compiled
-    sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH * 2, max_len=MAX_LEN,
-                      cache=c.cache, len_bucket=c.len_bucket)
-    assert sched.cache is not c.cache and sched.len_bucket is None and sched.cache.batch == MAX_BATCH * 2
+    sched = Scheduler(e2.model_runner(), e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH * 2, max_len=MAX_LEN)
+    assert sched.runner.cache is not c.cache and not sched.compact and sched.runner.cache.batch == MAX_BATCH * 2
     prompts = _prompts(e0)[:3]
     served, lps = _serve(sched, prompts, [6, 6, 6])
     for ids, got, lp in zip(prompts, served, lps):
@@ -212,7 +209,8 @@ def test_a_plan_smaller_than_the_server_decodes_eager(engines):
 def test_http_server_on_the_compiled_engine_concurrent_equals_sequential(engines):
     _, e2 = engines
     with Server(e2, max_batch=MAX_BATCH, max_queue=16, max_len=MAX_LEN) as s:
-        assert s.app.state.scheduler.len_bucket == e2.compiled.len_bucket  # the compiled runner serves
+        sched = s.app.state.scheduler
+        assert sched.compact and sched.runner.cache is e2.compiled.cache  # the compiled runner serves
         c = s.client()
         prompts = [f"Request number {i}: " + "tell me more " * i for i in range(6)]
 
@@ -241,7 +239,6 @@ def test_constrained_requests_on_the_compiled_step_equal_eager(engines):
     from openautoglm.runtime.grammar import Grammar
 
     e0, e2 = engines
-    c = e2.compiled
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                                "n": {"type": "integer"}, "ok": {"type": "boolean"}},
               "required": ["name", "n", "ok"], "additionalProperties": False}
@@ -249,8 +246,8 @@ def test_constrained_requests_on_the_compiled_step_equal_eager(engines):
     prompts = _prompts(e0)[:5]
     params = [SamplingParams(max_tokens=48, grammar=g if i % 2 == 0 else None, ignore_eos=i % 2 == 1)
               for i in range(len(prompts))]
-    sched = Scheduler(c.runner, e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN, prefill_chunk=16,
-                      cache=c.cache, len_bucket=c.len_bucket)
+    sched = Scheduler(e2.model_runner(), e2.tokenizer, e2.eos_ids, max_batch=MAX_BATCH, max_len=MAX_LEN,
+                      prefill_chunk=16)
     out = [[] for _ in prompts]
     reqs = [sched.submit(Request(p, sp, lambda ev, i=i: ev.token_id is not None and out[i].append(ev.token_id)))
             for i, (p, sp) in enumerate(zip(prompts, params))]

@@ -120,12 +120,12 @@ class FaultyModel:
 
 @pytest.fixture
 def faulty(server):
-    sched = server.app.state.scheduler
-    real = sched.model
-    sched.model = FaultyModel(real)
-    yield sched.model
-    sched.model.hold.set()
-    sched.model = real
+    runner = server.app.state.scheduler.runner
+    real = runner.model
+    runner.model = FaultyModel(real)
+    yield runner.model
+    runner.model.hold.set()
+    runner.model = real
 
 
 def test_whole_step_faults_let_requests_complete(server, reference, faulty):
@@ -173,7 +173,7 @@ def test_repeated_crashes_stop_the_server(tiny_engine, monkeypatch, broken):
         monkeypatch.setattr(scheduler_mod.Scheduler, "step", lambda self: 1 / 0)
     with Server(tiny_engine, max_len=512) as s:
         if broken == "model":  # every forward raises: requests fail, and so does the one-token probe
-            s.app.state.scheduler.model = FaultyModel(tiny_engine.model, every=1)
+            s.app.state.scheduler.runner.model = FaultyModel(tiny_engine.model, every=1)
         for _ in range(3):
             r = _complete(s, 0)
             assert r.status_code in (500, 503) and "Traceback" not in r.text

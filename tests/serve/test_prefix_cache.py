@@ -41,9 +41,12 @@ def _check(eng, ids, got, lps):
     assert float((ref - torch.tensor(lps)).abs().max()) <= 1e-3
 
 
-def _sched(eng, **kw):
+def _sched(eng, cache=None, **kw):
+    """A scheduler on the eager model (over ``cache``, when given: the runner's planned cache)."""
+    from openautoglm.runtime.runner import ModelRunner
+
     kw = {"max_batch": 4, "max_len": 256, "prefill_chunk": 16, **kw}
-    return Scheduler(eng.model, eng.tokenizer, eng.eos_ids, **kw)
+    return Scheduler(ModelRunner(eng.model, cache), eng.tokenizer, eng.eos_ids, **kw)
 
 
 class _Run:

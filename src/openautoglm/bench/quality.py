@@ -47,21 +47,13 @@ class OursScorer:
             return self.engine.model(torch.tensor([ids]))[0].float()
 
     def _decode_logits(self, ids: list[int]) -> torch.Tensor:
-        from ..runtime.kv_cache import KVCache
-
-        c, n = getattr(self.engine, "compiled", None), len(ids)
-        runner = c.runner if c is not None else self.engine.model
-        cache = c.cache if c is not None and c.cache is not None and c.cache.max_len >= n else None
-        if cache is None:
-            cache = KVCache.for_model(self.engine.model, 1, n)
-        else:  # the planned cache, at the attended length generation would use (the compiled step's bucket)
-            c.session["ids"] = None  # row 0 is rewritten here
-            cache.select(None if cache.batch == 1 else torch.arange(1))
-            cache.static_len = min(-(-n // c.len_bucket) * c.len_bucket, cache.max_len) if c.len_bucket else None
+        """Each position's logits from a decode step over the cache, as generation runs them (the engine's runner:
+        its planned cache and compiled step when the text fits, at generation's attended length)."""
+        runner, n = self.engine.model_runner(), len(ids)
+        runner.claim(1, n)
         out = []
-        with torch.inference_mode():
-            for t, tok in enumerate(ids):
-                out.append(runner(torch.tensor([[tok]]), torch.tensor([[t]]), cache)[0, -1].float())
+        for t, tok in enumerate(ids):
+            out.append(runner.decode(torch.tensor([tok]), torch.tensor([t]), context=n)[0].float())
         return torch.stack(out)
 
 

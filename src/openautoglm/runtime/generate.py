@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ContextLengthExceededError, InvalidParameterError
 from .grammar import MaskJob, closing_reserve, constraint_for
-from .kv_cache import KVCache, model_device
+from .runner import ModelRunner
 from .sampler import SamplingParams, make_generator, sample
 
 
@@ -110,15 +110,13 @@ class Generation:
     """One batched generation. Iterate it for :class:`StreamEvent`; ``sequences`` holds the per-row state."""
 
     def __init__(self, model, tokenizer, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams,
-                 eos_ids: set[int] | None = None, max_context: int | None = None, cache: KVCache | None = None,
-                 len_bucket: int | None = None, session: dict | None = None):
-        """``cache``: a preallocated cache to run in when it is big enough (compiled engines plan one);
-        ``len_bucket``: attend over a static number of slots, the context rounded up to this multiple, so a
-        compiled decode step sees one shape for the whole generation. ``session``: ``{"ids": [...]}``, the
-        tokens whose keys and values row 0 of ``cache`` holds from the previous generation; a single prompt
-        that starts with some of them prefills only the rest (a multi-turn chat or an agent re-reads nothing),
-        and the holder is updated for the next one (emptied while this one runs)."""
-        self.cache, self.len_bucket, self.session = cache, len_bucket, session
+                 eos_ids: set[int] | None = None, max_context: int | None = None):
+        """``model``: a :class:`ModelRunner` (an engine's: its planned cache, compiled step and length buckets), or
+        a model, run eagerly over a cache of its own. On a runner whose planned cache's row 0 still holds the
+        previous generation's tokens, a single prompt that starts with some of them prefills only the rest (a
+        multi-turn chat or an agent re-reads nothing), and the record is updated for the next one."""
+        self.runner = model if isinstance(model, ModelRunner) else ModelRunner(model)
+        model = self.runner.model
         self.reused = 0  # prompt tokens whose keys and values came from the session
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -126,7 +124,6 @@ class Generation:
             raise InvalidParameterError("give one SamplingParams per prompt, and at least one prompt")
         cfg = model.config
         ctx = max_context or cfg.max_position_embeddings
-        self.model = model
         self.eos_ids = set(eos_ids if eos_ids is not None else cfg.eos_token_id)
         self.sequences: list[Sequence] = []
         for ids, p in zip(prompts, params):
@@ -141,26 +138,12 @@ class Generation:
                                            constraint=constraint_for(p, tokenizer, cfg.vocab_size, self.eos_ids)))
 
     def __iter__(self) -> Iterator[StreamEvent]:
-        model, seqs = self.model, self.sequences
-        device = model_device(model)
+        runner, seqs = self.runner, self.sequences
         B = len(seqs)
         lens = torch.tensor([len(s.prompt_ids) for s in seqs])
         T = int(lens.max())
         need = max(len(s.prompt_ids) + s.max_new for s in seqs)
-        cache = self.cache
-        if self.len_bucket:
-            fits = cache is not None and need <= cache.max_len
-            need = -(-need // self.len_bucket) * self.len_bucket
-            if fits:
-                need = min(need, cache.max_len)
-        cached = self.session.get("ids") if self.session is not None else None
-        if self.session is not None:
-            self.session["ids"] = None  # row 0 is about to change; recorded again at the end
-        if cache is not None and cache.batch >= B and cache.max_len >= need:
-            cache.select(None if cache.batch == B else torch.arange(B))
-        else:
-            cache, cached = KVCache.for_model(model, B, max_len=need), None
-        cache.static_len = need if self.len_bucket else None
+        cached = runner.claim(B, need)
         k = 0
         if cached and B == 1:  # reuse the common prefix, leaving at least one prompt token to prefill
             p = seqs[0].prompt_ids
@@ -180,7 +163,7 @@ class Generation:
 
         with torch.inference_mode():
             masks = MaskJob([s.constraint for s in seqs])  # computed while the forward runs
-            logits = model(ids.to(device), positions.to(device), cache, logits_at=(lens - 1).to(device))
+            logits = runner.prefill(ids, positions, logits_at=lens - 1)
             pos = lens + k  # next write position per row
             while True:
                 logits = masks.apply(logits)
@@ -191,8 +174,8 @@ class Generation:
                         piece = advance(s, tok, self.eos_ids)
                         yield StreamEvent(b, piece, tok if len(s.out_ids) > n else None, s.finish_reason)
                 if all(s.finish_reason is not None for s in seqs):
-                    if self.session is not None and B == 1:  # the last token was sampled, never fed
-                        self.session["ids"] = seqs[0].prompt_ids + seqs[0].out_ids[:-1]
+                    if B == 1:  # the last token was sampled, never fed
+                        runner.keep(seqs[0].prompt_ids + seqs[0].out_ids[:-1])
                     return
                 # finished rows keep running on their last position (no cache growth): the batch shape stays
                 # static and the live rows are unaffected
@@ -200,7 +183,8 @@ class Generation:
                 step_pos = torch.where(torch.tensor(done), pos - 1, pos) if any(done) else pos
                 pos = step_pos + 1
                 masks = MaskJob([s.constraint if s.finish_reason is None else None for s in seqs])
-                logits = model(next_ids[:, None].to(device), step_pos[:, None].to(device), cache)[:, -1]
+                # (one attended length, the whole generation's, so a compiled step sees one shape throughout)
+                logits = runner.decode(next_ids, step_pos, context=need)
 
 
 def generate(model, tokenizer, prompts, params, eos_ids=None, max_context=None, **kw) -> list[GenerationResult]:

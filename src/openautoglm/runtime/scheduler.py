@@ -52,7 +52,7 @@ import torch
 from ..errors import ContextLengthExceededError, OpenAutoGLMError
 from .generate import IncrementalDetokenizer, _release, advance
 from .grammar import MaskJob, constraint_for
-from .kv_cache import KVCache, model_device
+from .runner import ModelRunner
 from .sampler import SamplingParams, make_generator, sample
 
 
@@ -127,13 +127,11 @@ class Scheduler:
     def __init__(self, model, tokenizer, eos_ids: set[int], max_batch: int = 16, max_queue: int = 64,
                  max_len: int | None = None, prefill_chunk: int = 512, kv_budget_tokens: int | None = None,
                  aging_s: float = 5.0, on_metrics: Callable | None = None, max_failures: int = 3,
-                 failure_window_s: float = 60.0, cache: KVCache | None = None, len_bucket: int | None = None,
-                 on_idle: Callable[["Scheduler"], None] | None = None, prefix_cache: bool = True):
-        """``model``: what runs the forwards, the eager model or a compiled runner (``CompiledLM``). ``cache``:
-        the runner's planned cache (at least ``max_batch`` rows of ``max_len``), else one is allocated.
-        ``len_bucket``: decode steps attend over the context rounded up to this multiple, so that a compiled
-        runner's step for that length runs them (its rows kept at cache rows 0..B-1, see :meth:`_compact`).
-        ``on_idle``: called on the scheduler thread while nothing is queued or running (a safe point to
+                 failure_window_s: float = 60.0, on_idle: Callable[["Scheduler"], None] | None = None,
+                 prefix_cache: bool = True):
+        """``model``: what runs the forwards, a :class:`ModelRunner` (an engine's: on its planned cache when that
+        holds ``max_batch`` rows of ``max_len``, its decode steps then on the compiled step, with the rows kept at
+        cache rows 0..B-1, see :meth:`_compact`), or a model, run eagerly. ``on_idle``: called on the scheduler thread while nothing is queued or running (a safe point to
         :meth:`rebind` to a faster runner). ``prefix_cache``: reuse the keys and values of shared prompt prefixes
         (see the module's docstring)."""
         self.tok, self.eos_ids = tokenizer, set(eos_ids)
@@ -144,7 +142,7 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.kept: dict[int, list[int]] = {}  # free cache row -> the tokens whose keys/values it holds from slot 0
         self.kept_at: dict[int, float] = {}  # when that row was freed (the least recently freed is reused first)
-        self.rebind(model, cache, len_bucket)
+        self.rebind(model)
         self.on_idle = on_idle
         self.queue: list[Request] = []
         self.running: list[Request] = []
@@ -160,25 +158,27 @@ class Scheduler:
         self.faults = 0  # requests failed by an exception, in all
         self.fatal: str | None = None  # why the scheduler gave up; set once, then run() returns
         self.last_progress = time.monotonic()  # end of the last step (or idle tick): the watchdog's clock
-        self.compiled_steps = 0  # decode steps the compiled runner ran (the rest ran eager)
         self.row_moves = self.row_swaps = 0  # cache rows moved / traded to keep decoding rows at 0..D-1
         self.prompt_tokens = self.cached_tokens = 0  # prompt tokens of matched requests, and those from the cache
 
-    def rebind(self, model, cache: KVCache | None = None, len_bucket: int | None = None) -> None:
-        """Run on ``model`` over ``cache`` from now on. Only while idle (no request holds a cache row)."""
+    def rebind(self, model) -> None:
+        """Run on ``model`` (a runner or a model) from now on. Only while idle (no request holds a cache row)."""
         if getattr(self, "running", None):
             raise RuntimeError("rebind while requests are running")
-        if cache is not None and (cache.batch < self.max_batch or cache.max_len < self.max_len):
-            cache = None  # the runner's plan is smaller than the server's: decode eager over a cache of our own
-            len_bucket = None
-        self.model, self.len_bucket = model, len_bucket
-        self.cache = cache if cache is not None else KVCache.for_model(model, self.max_batch, self.max_len)
-        self.cache.static_len = None
+        runner = model if isinstance(model, ModelRunner) else ModelRunner(model)
+        runner.compile_missing = False  # never compile while serving
+        # every row is ours from now on (a plan smaller than the server's: eager over a cache of our own)
+        runner.claim(self.max_batch, self.max_len)
+        self.runner, self.model = runner, runner.model
+        self.compact = runner.cache is runner.planned and runner.len_bucket is not None
         self.kept.clear()  # a new cache holds nothing
         self.kept_at.clear()
-        self._steps: dict[int, bool] = {}  # attended length -> whether the runner has a compiled step for it
-        self.bytes_per_token = self.cache.nbytes // (self.cache.batch * self.cache.max_len)
-        self.device = model_device(model)
+        self.bytes_per_token = runner.bytes_per_token
+
+    @property
+    def compiled_steps(self) -> int:
+        """Decode steps the compiled runner ran (the rest ran eager)."""
+        return self.runner.compiled_steps
 
     # ---- called from other threads ------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -298,7 +298,7 @@ class Scheduler:
                 budget -= n
             self._guarded(batch, self._prefill_forward, self._prefill_commit)
         decoding = [r for r in running if r.next_input is not None and r.finish_reason is None]
-        if decoding and self.len_bucket:
+        if decoding and self.compact:
             self._compact(decoding)
         # by cache row: when the rows form a run, the cache is read as a view instead of gathered
         decoding.sort(key=lambda r: r.slot)
@@ -320,10 +320,7 @@ class Scheduler:
             return False
         self._forget(slot)
         try:
-            self.cache.select(torch.tensor([slot], device=self.device))
-            with torch.inference_mode():
-                self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device),
-                           torch.zeros(1, 1, dtype=torch.long, device=self.device), self.cache)
+            self.runner.prefill(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), [slot])
             return True
         except Exception:
             log.exception("the model fails on a one-token probe too")
@@ -441,7 +438,7 @@ class Scheduler:
             if _common(o.prompt_ids, r.prompt_ids, cap) >= n + PREFIX_WAIT_MIN:
                 return False
         if src is not None:
-            self.cache.move_row(src, r.slot, n)
+            self.runner.move_row(src, r.slot, n)
             r.prefilled = r.cached = n
         r.matched = True
         self.prompt_tokens += len(r.prompt_ids)
@@ -479,11 +476,8 @@ class Scheduler:
         for i, (r, n) in enumerate(batch):
             ids[i, :n] = torch.tensor(r.prompt_ids[r.prefilled : r.prefilled + n])
             pos[i] = torch.arange(r.prefilled, r.prefilled + T).clamp_(max=self.max_len - 1)
-        self.cache.select(torch.tensor([r.slot for r, _ in batch], device=self.device))
-        last = torch.tensor([n - 1 for _, n in batch], device=self.device)
-        with torch.inference_mode():
-            logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, logits_at=last)
-        return list(logits)
+        last = torch.tensor([n - 1 for _, n in batch])
+        return list(self.runner.prefill(ids, pos, [r.slot for r, _ in batch], logits_at=last))
 
     def _prefill_commit(self, item: tuple[Request, int], logits: torch.Tensor) -> None:
         r, n = item
@@ -512,50 +506,26 @@ class Scheduler:
                 other = by_slot.get(s)
                 if other is None:
                     self._forget(s)
-                    self.cache.move_row(r.slot, s, self._written(r))
+                    self.runner.move_row(r.slot, s, self._written(r))
                     self.row_moves += 1
                     self.free_slots.remove(s)
                     self.free_slots.append(r.slot)
                     self.free_slots.sort()
                     self._keep(r.slot, r)  # the row left behind still holds a copy of r's tokens
                 else:
-                    self.cache.swap_rows(r.slot, s, max(self._written(r), self._written(other)))
+                    self.runner.swap_rows(r.slot, s, max(self._written(r), self._written(other)))
                     self.row_swaps += 1
                     other.slot = r.slot
                 r.slot = s
 
-    def _static_len(self, rs: list[Request], pos: torch.Tensor) -> int | None:
-        """The attended length a compiled step runs this decode batch at, or None (run it eager): the rows must
-        be cache rows 0..B-1, and a step must exist (never compiled while serving) for the context's bucket or a
-        longer one (the mask hides the slots beyond each row's position; the planned length is always built)."""
-        has = getattr(self.model, "has_step", None)
-        if not self.len_bucket or has is None or any(r.slot != i for i, r in enumerate(rs)):
-            return None
-        b, top = self.len_bucket, self.cache.max_len
-        n = min(-(-(max(self._written(r) for r in rs)) // b) * b, top)  # each row attends up to its position
-        for m in [*range(n, top, b), top]:
-            ok = self._steps.get(m)
-            if ok is None:  # asked once a length (a step is never compiled while serving: the answer holds)
-                ok = self._steps[m] = bool(has(m))
-            if ok:
-                return m
-        return None
-
     def _decode_forward(self, rs: list[Request]) -> list[tuple[int, torch.Tensor | None]]:
         """One batched decode step and sampling: (token, log-probabilities or None) per request."""
-        ids = torch.tensor([[r.next_input] for r in rs], device=self.device)
-        pos = torch.tensor([[len(r.prompt_ids) + len(r.out_ids) - 1] for r in rs], device=self.device)
-        static = self._static_len(rs, pos)
-        self.cache.select(torch.tensor([r.slot for r in rs], device=self.device))
-        self.cache.static_len = static
+        ids = torch.tensor([r.next_input for r in rs])
+        pos = torch.tensor([len(r.prompt_ids) + len(r.out_ids) - 1 for r in rs])
         masks = MaskJob([r.constraint for r in rs])  # computed while the forward runs
-        try:
-            with torch.inference_mode():
-                logits = self.model(ids, pos, self.cache)[:, -1]
-        finally:
-            self.cache.static_len = None
+        # (each row attends up to its position: the longest row's, which the runner rounds up to its bucket)
+        logits = self.runner.decode(ids, pos, [r.slot for r in rs])
         logits = masks.apply(logits)
-        self.compiled_steps += static is not None
         toks = sample(logits, [r.params for r in rs], [r.generator for r in rs],
                       [r.prompt_ids + r.out_ids for r in rs] if any(r.params.repetition_penalty != 1 for r in rs) else None)
         lps = torch.log_softmax(logits.float(), -1) if any(r.logprobs is not None for r in rs) else None

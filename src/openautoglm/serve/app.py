@@ -213,16 +213,6 @@ class Metrics:
             self.cached_tokens.inc(cached_tokens)
 
 
-def _runner(engine) -> tuple:
-    """(what runs the forwards, its planned cache, its length bucket) for the engine as compiled: the compiled
-    decode step at O2/O3, the passes-applied model at O1, the eager model at O0 or uncompiled."""
-    c = getattr(engine, "compiled", None)
-    if c is None or c.level == "O0":
-        return engine.model, None, None
-    c.session["ids"] = None  # the scheduler writes every row of the cache from now on
-    return c.runner, c.cache, c.len_bucket
-
-
 def _switch_when_built(engine):
     """The scheduler's idle hook: once a background O3 build (``--opt auto``) is done, serve on it."""
     def hook(sched: Scheduler) -> None:
@@ -231,7 +221,7 @@ def _switch_when_built(engine):
         before = getattr(engine, "compiled", None)
         engine._switch_if_built()
         if engine.compiled is not before:
-            sched.rebind(*_runner(engine))
+            sched.rebind(engine.model_runner(compile_missing=False))
             logging.getLogger("openautoglm.serve").warning("now serving at %s", engine.compiled.level)
     return hook
 
@@ -240,11 +230,10 @@ def create_app(engine, settings: ServeSettings | None = None):
     st = settings or ServeSettings()
     metrics = Metrics()
     budget = None
-    runner, cache, len_bucket = _runner(engine)
-    sched = Scheduler(runner, engine.tokenizer, engine.eos_ids, max_batch=st.max_batch, max_queue=st.max_queue,
-                      max_len=st.max_len, prefill_chunk=st.prefill_chunk, aging_s=st.aging_s, on_metrics=metrics,
-                      max_failures=st.max_failures, failure_window_s=st.failure_window_s, cache=cache,
-                      len_bucket=len_bucket, on_idle=_switch_when_built(engine), prefix_cache=st.prefix_cache)
+    sched = Scheduler(engine.model_runner(compile_missing=False), engine.tokenizer, engine.eos_ids,
+                      max_batch=st.max_batch, max_queue=st.max_queue, max_len=st.max_len, prefill_chunk=st.prefill_chunk, aging_s=st.aging_s, on_metrics=metrics,
+                      max_failures=st.max_failures, failure_window_s=st.failure_window_s,
+                      on_idle=_switch_when_built(engine), prefix_cache=st.prefix_cache)
     if st.kv_budget_mb:
         budget = int(st.kv_budget_mb * 2**20 // sched.bytes_per_token)
         sched.kv_budget_tokens = budget

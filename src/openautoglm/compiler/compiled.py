@@ -1,9 +1,10 @@
 """O2: the decode step compiled ahead of time (AOTInductor, inductor's C++ backend; see ``aot.py``).
 
-``CompiledLM`` has the model's call signature and is what generation calls. A decode step (one token per row)
-over the planned cache, with a static attended length (``KVCache.static_len``, which the engine's
-``runtime.runner.ModelRunner`` sets from its length bucket), runs the compiled package for that length; anything else (prefill, whose GEMMs are already
-large and whose prompt lengths vary; another cache; rows other than the first B) runs the eager model. Packages
+``CompiledLM`` has the model's call signature and is what the engine's ``runtime.runner.ModelRunner`` calls. A
+decode step (one token per row) over the planned cache, with a static attended length (``KVCache.static_len``,
+which the runner sets from its length bucket), runs the compiled package for that length; anything else (prefill,
+whose GEMMs are already large and whose prompt lengths vary; another cache; rows other than the first B) runs the
+eager model. Packages
 are built at warm-up, or loaded from the on-disk cache when this machine built them before; a length first seen
 later is compiled once, on first use. Nothing is traced or compiled while a generation runs.
 """

@@ -70,13 +70,15 @@ bench: install-peers
 run: install
 	$(BIN)/openautoglm run --chat --prompt "$(PROMPT)" --max-tokens 64
 
-# the full suite (what CI runs): real-model, compile and fuzz tests included
-test: install-test
-	$(BIN)/python -m pytest -q
-
-# a fast subset for local work: no real model, no compiled packages, no fuzzing
+# a fast subset for local work: no real model, no compiled packages, no fuzzing, nothing that takes seconds
+CHECK_MARKS = not slow and not compile and not fuzz and not qwen
 check: install-test
-	$(BIN)/python -m pytest -q -m "not slow and not compile and not fuzz and not qwen"
+	$(BIN)/python -m pytest -q -m "$(CHECK_MARKS)"
+
+# the full suite (what CI runs): `make check`'s subset first (so CI times it too), then the real-model,
+# compile, fuzz and slow tests
+test: check
+	$(BIN)/python -m pytest -q -m "not ($(CHECK_MARKS))"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -81,3 +81,14 @@ def test_the_graph_sees_imports_inside_functions():
 def test_no_import_cycles_between_packages():
     cycle = find_cycle(package_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_importing_the_package_leaves_torch_unloaded():
+    # torch (~2.5 s) comes with the Engine: the command line answers --help or a bad argument without it
+    import subprocess
+    import sys
+
+    code = ("import sys, openautoglm, openautoglm.cli; print('torch' in sys.modules); "
+            "openautoglm.Engine; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]

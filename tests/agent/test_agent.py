@@ -151,6 +151,7 @@ def test_bad_arguments_become_observations(tiny_engine):
     assert a._call("t", {"n": 3}) == "3"
 
 
+@pytest.mark.slow  # several CLI processes
 def test_cli_agent_bad_input_exits_2(tmp_path):
     for args in (["--tools", "sql"], ["--tools", "nope"], ["--tools", "search", "--docs", str(tmp_path / "x")],
                  ["--max-steps", "0"]):

@@ -134,6 +134,7 @@ def test_cannot_spawn_a_shell(sb, code):
     assert "SHELL-RAN" not in r.stdout.replace("'echo SHELL-RAN'", "")
 
 
+@pytest.mark.slow  # seconds of a process at its limits
 @needs_isolation
 def test_fork_bomb_is_contained(sb):
     t0 = time.monotonic()
@@ -142,6 +143,7 @@ def test_fork_bomb_is_contained(sb):
     assert PythonSandbox(timeout_s=4).run("print('alive')").stdout.strip() == "alive"  # the machine is fine
 
 
+@pytest.mark.slow  # each case runs to a limit
 @pytest.mark.parametrize("code, reason", [
     ("while True: pass", {"timeout", "cpu"}),
     ("import time; time.sleep(60)", {"timeout"}),

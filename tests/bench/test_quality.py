@@ -40,6 +40,7 @@ def test_bf16_has_small_positive_kld(tiny_engine_dir):
     assert r.ppl_reference != r.ppl
 
 
+@pytest.mark.slow  # an eval CLI process
 def test_eval_cli_json(tiny_engine_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("Some real looking text, with words and numbers 1 2 3. " * 30)
@@ -87,6 +88,7 @@ def test_eval_decode_scores_one_token_a_step_like_the_whole_window(tiny_engine_d
     assert 0 <= r.kld_mean < 1e-6 and r.top1_agreement == 1.0
 
 
+@pytest.mark.slow  # an eval CLI process
 def test_eval_peer_on_a_model_that_is_not_gguf_is_one_clear_error(tiny_engine_dir, tmp_path):
     """llama.cpp scores GGUF files only: a safetensors model with --peer gets exit 2 and one line, before any
     peer library is loaded (this test runs without llama-cpp-python too)."""

@@ -54,6 +54,7 @@ def test_every_value_type_and_alignment(tmp_path):
     assert ours(p) == oracle(p)
 
 
+@pytest.mark.slow  # the embedded model's tokenizer, and gguf-py's reading of whole files
 @pytest.mark.parametrize("arch,qtype", [("llama", "Q8_0"), ("qwen2", None), ("glm4", "Q4_1")])
 def test_model_files_match_gguf_py(tmp_path, arch, qtype, smollm2_tokenizer_meta):
     hf = make_hf_model({"llama": "llama-untied", "qwen2": "qwen2", "glm4": "glm4"}[arch])

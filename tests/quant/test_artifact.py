@@ -63,6 +63,7 @@ def test_untied_embedding_is_stored_and_reloaded(hf_tiny, tmp_path):
         assert torch.equal(model(ids), again(ids))
 
 
+@pytest.mark.slow  # quantizes at six widths
 def test_quantized_bytes_follow_the_bits(tiny_engine_dir, tmp_path):
     from safetensors import safe_open
 
@@ -94,6 +95,7 @@ def test_save_is_atomic_and_refuses_to_overwrite(tiny_engine_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "taken"]  # no temporary left behind
 
 
+@pytest.mark.slow  # a quantize CLI process
 def test_cli_quantize(tiny_engine_dir, tmp_path, capsys):
     from openautoglm import cli
 
@@ -118,6 +120,7 @@ def test_cli_quantize(tiny_engine_dir, tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # an eval CLI process
 def test_eval_of_an_artifact_defaults_to_its_source_as_reference(tiny_engine_dir, tmp_path):
     from openautoglm.bench.quality import run_eval
 

@@ -46,7 +46,7 @@ def test_solver_refuses_an_impossible_budget():
         solve(_units(), 2.0)
 
 
-@pytest.mark.parametrize("target", [3.0, 4.5])
+@pytest.mark.parametrize("target", [pytest.param(3.0, marks=pytest.mark.slow), 4.5])
 def test_auto_plan_respects_its_budget_and_reloads(tiny_engine_dir, tmp_path, target, oag_cache):
     from safetensors import safe_open
 
@@ -85,6 +85,7 @@ def test_auto_plan_respects_its_budget_and_reloads(tiny_engine_dir, tmp_path, ta
     json.loads(files[0].read_text())
 
 
+@pytest.mark.slow  # measures sensitivities
 def test_more_bits_never_predict_more_loss(tiny_engine_dir, oag_cache):
     from openautoglm import Engine
 
@@ -109,6 +110,7 @@ def test_formats_between_the_anchors_are_placed_on_their_power_law():
     assert got["int3-g64"] == pytest.approx(10 ** -2.5) and got["int8"] == pytest.approx(1e-7)
 
 
+@pytest.mark.slow  # measures sensitivities
 def test_sensitivities_are_the_measured_kld_rises(tiny_engine_dir, oag_cache):
     """The oracle: the head's (a direct unit's) recorded KLD rise for each format equals the KLD of the model with
     the head really quantized to that format (quantize_, the real modules) against the float model on the same

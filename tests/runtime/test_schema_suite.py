@@ -37,7 +37,7 @@ def test_the_set_is_fifty_distinct_valid_schemas():
         jsonschema.Draft202012Validator.check_schema(c["schema"])
 
 
-@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("sampled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_all_schemas_on_a_random_model(tiny_engine, sampled):
     kw = dict(temperature=1.0, seed=7) if sampled else {}
     for k in range(0, len(CASES), 25):  # two batches: constrained rows of different grammars share each step

@@ -211,6 +211,7 @@ def test_cli_serve_exits_nonzero_after_repeated_crashes(tiny_engine_dir, monkeyp
     assert answers and answers[0] in (500, 503)
 
 
+@pytest.mark.slow  # a server process
 def test_sigterm_drains_a_running_stream(tiny_engine_dir):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -63,7 +63,8 @@ def _streamed(chunks):
     return content, [calls[i] for i in sorted(calls)], reason
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+@pytest.mark.parametrize("choice", [pytest.param("required", marks=pytest.mark.slow),
+                                    {"type": "function", "function": {"name": "add"}}])
 def test_required_and_named_calls_are_well_formed_streamed_or_not(server, choice):
     c = server.client()
     only = None if choice == "required" else {"add"}

@@ -712,11 +712,10 @@ OAG_AVX512 void rows_k512_tile(const Args &g, int64_t n, int64_t m0) {
     }
 }
 
-// AVX-512 VNNI, 32-blocks two at a time: one vpdpbusd on 64 weights.  Q4_0/Q4_1/Q5_0/Q5_1 codes go in unsigned
-// (their stored values, 0-15 / 0-31), the zero point folded into the block's offset (-8 d, -16 d, or m), which
-// multiplies d_x * sum(q) as Q4_1's m always did; Q8_0's signed codes take the sign trick on each half.
-// the unsigned codes (stored values: 0-15, 0-31) of two 32-blocks in one zmm: the 16 quant bytes of each broadcast to both halves of a 256-bit
-// lane, the high halves shifted down a nibble; Q5's fifth bits straight from the 32-bit qh as a byte mask
+// AVX-512 VNNI, 32-blocks two at a time: one vpdpbusd on 64 weights, the codes unsigned (see dot_init).
+// codes_u2: the unsigned codes (stored values: 0-15, 0-31) of two 32-blocks in one zmm: the 16 quant bytes of each
+// broadcast to both halves of a 256-bit lane, the high halves shifted down a nibble; Q5's fifth bits straight from
+// the 32-bit qh as a byte mask
 template <int64_t T>
 OAG_AVX512 __m512i codes_u2(const uint8_t *b0, const uint8_t *b1) {
     constexpr int qs = T == Q4_0 ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : 8;
@@ -732,12 +731,31 @@ OAG_AVX512 __m512i codes_u2(const uint8_t *b0, const uint8_t *b1) {
     return c;
 }
 
+// Q4_0 / Q5_0 / Q8_0: w = d (u - Z), with u the unsigned code (Q4_0/Q5_0: as stored; Q8_0: the signed code + 128),
+// so a block's dot is exact in int32 as vpdpbusd(u, q) - Z * sum(q): the dot starts from -Z * sum(q) (lane 0 of
+// each block's half) instead of from zero, and no float term is left for the zero point. Q4_1 / Q5_1 (w = d u + m,
+// m a float of its own) keep m * d_x * sum(q) in a float accumulator.
 template <int64_t T>
-OAG_AVX2 float offset_u(const uint8_t *b, float d) {  // the block's w = d * u + offset
-    if constexpr (T == Q4_0) return -8.0f * d;
-    else if constexpr (T == Q5_0) return -16.0f * d;
-    else if constexpr (T == Q4_1 || T == Q5_1) return h2f_fast(b + 2);
-    else return 0.0f;
+constexpr int zero_point() { return T == Q4_0 ? 8 : T == Q5_0 ? 16 : T == Q8_0 ? 128 : 0; }
+
+template <int64_t T>
+constexpr bool float_offset() { return T == Q4_1 || T == Q5_1; }
+
+// the dot's starting value for activation blocks b and b + 1 (their int sums in s32)
+template <int64_t T>
+OAG_AVX512 __m512i dot_init(const int16_t *s32, int64_t b, bool two) {
+    constexpr int Z = zero_point<T>();
+    if constexpr (Z == 0) return _mm512_setzero_si512();
+    else return _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, -Z * s32[b]), 0x0100, two ? -Z * s32[b + 1] : 0);
+}
+
+// the unsigned codes u of two blocks, in one zmm
+template <int64_t T>
+OAG_AVX512 __m512i codes_w2(const uint8_t *b0, const uint8_t *b1) {
+    if constexpr (T == Q8_0)
+        return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(ld32(b0 + 2)), ld32(b1 + 2), 1),
+                                _mm512_set1_epi8((char)0x80));
+    else return codes_u2<T>(b0, b1);
 }
 
 template <int64_t T, int R>
@@ -750,6 +768,7 @@ OAG_AVX512 void rows_b512_r(const Args &g, int64_t n) {
         const int8_t *xq = g.a->q.data() + mi * g.K;
         const float *xd = g.a->d.data() + mi * nb;
         const float *xs = g.a->fs.data() + mi * nb;
+        const int16_t *x32 = g.a->s32.data() + mi * nb;
         __m512 acc[R];
         float macc[R];
         for (int r = 0; r < R; r++) {
@@ -764,22 +783,13 @@ OAG_AVX512 void rows_b512_r(const Args &g, int64_t n) {
                                    : _mm256_setzero_si256();
             const float dx0 = xd[b], dx1 = two ? xd[b + 1] : 0.0f;
             const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+            const __m512i init = dot_init<T>(x32, b, two);
             for (int r = 0; r < R; r++) {
                 const uint8_t *b0 = row[r] + b * bytes, *b1 = two ? b0 + bytes : b0;
                 const float d0 = h2f_fast(b0), d1 = h2f_fast(b1);
-                __m512i p;
-                if constexpr (T == Q8_0) {
-                    const __m256i c0 = ld32(b0 + 2), c1 = ld32(b1 + 2);
-                    const __m512i ac = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(c0, c0)),
-                                                          _mm256_sign_epi8(c1, c1), 1);
-                    const __m512i sq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(q0, c0)),
-                                                          _mm256_sign_epi8(q1, c1), 1);
-                    p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ac, sq);
-                } else {
-                    p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes_u2<T>(b0, b1), q);
-                    // an explicit fma: the tiled kernel computes the same sum, bit for bit, whatever the compiler contracts
-                    macc[r] += std::fma(offset_u<T>(b0, d0), xs[b], two ? offset_u<T>(b1, d1) * xs[b + 1] : 0.0f);
-                }
+                const __m512i p = _mm512_dpbusd_epi32(init, codes_w2<T>(b0, b1), q);
+                if constexpr (float_offset<T>())  // an explicit fma: the tiled kernels compute the same sum, bit for bit
+                    macc[r] += std::fma(h2f_fast(b0 + 2), xs[b], two ? h2f_fast(b1 + 2) * xs[b + 1] : 0.0f);
                 const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * dx0), _mm512_set1_ps(d1 * dx1));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dd, acc[r]);
             }
@@ -788,8 +798,8 @@ OAG_AVX512 void rows_b512_r(const Args &g, int64_t n) {
     }
 }
 
-// rows_b512_r for a tile of MT activation rows: a block pair's codes, scales and offsets unpacked once for the
-// tile; per (activation row, weight row) the same operations in the same order (bit-identical output).
+// rows_b512_r for a tile of MT activation rows: a block pair's codes and scales unpacked once for the tile; per
+// (activation row, weight row) the same operations in the same order (bit-identical output).
 template <int64_t T, int MT>
 OAG_AVX512 void rows_b512_tile(const Args &g, int64_t n, int64_t m0) {
     constexpr int64_t bytes = layout(T).bytes;
@@ -806,17 +816,11 @@ OAG_AVX512 void rows_b512_tile(const Args &g, int64_t n, int64_t m0) {
         const uint8_t *b0 = row + b * bytes, *b1 = two ? b0 + bytes : b0;
         _mm_prefetch(reinterpret_cast<const char *>(b0 + PF_AHEAD), _MM_HINT_T0);
         const float d0 = h2f_fast(b0), d1 = h2f_fast(b1);
-        __m256i c0, c1;
-        __m512i cu, ac;
+        const __m512i cw = codes_w2<T>(b0, b1);
         float o0 = 0.0f, o1 = 0.0f;
-        if constexpr (T == Q8_0) {
-            c0 = ld32(b0 + 2);
-            c1 = ld32(b1 + 2);
-            ac = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(c0, c0)), _mm256_sign_epi8(c1, c1), 1);
-        } else {
-            cu = codes_u2<T>(b0, b1);
-            o0 = offset_u<T>(b0, d0);
-            o1 = two ? offset_u<T>(b1, d1) : 0.0f;
+        if constexpr (float_offset<T>()) {
+            o0 = h2f_fast(b0 + 2);
+            o1 = two ? h2f_fast(b1 + 2) : 0.0f;
         }
         for (int t = 0; t < MT; t++) {
             const int64_t mi = m0 + t;
@@ -825,16 +829,9 @@ OAG_AVX512 void rows_b512_tile(const Args &g, int64_t n, int64_t m0) {
             const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
             const __m256i q1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32)) : _mm256_setzero_si256();
             const float dx0 = xd[b], dx1 = two ? xd[b + 1] : 0.0f;
-            __m512i p;
-            if constexpr (T == Q8_0) {
-                const __m512i sq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(q0, c0)),
-                                                      _mm256_sign_epi8(q1, c1), 1);
-                p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ac, sq);
-            } else {
-                const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
-                p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cu, q);
-                macc[t] += std::fma(o0, xs[b], two ? o1 * xs[b + 1] : 0.0f);
-            }
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+            const __m512i p = _mm512_dpbusd_epi32(dot_init<T>(g.a->s32.data() + mi * nb, b, two), cw, q);
+            if constexpr (float_offset<T>()) macc[t] += std::fma(o0, xs[b], two ? o1 * xs[b + 1] : 0.0f);
             const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * dx0), _mm512_set1_ps(d1 * dx1));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dd, acc[t]);
         }
@@ -843,10 +840,10 @@ OAG_AVX512 void rows_b512_tile(const Args &g, int64_t n, int64_t m0) {
 }
 
 // rows_b512_tile over NT weight rows at once (a tile of NT x MT dot products): each block pair's codes are
-// unpacked once for the MT activation rows, each activation pair loaded once for the NT weight rows, and the
-// per-pair scale vectors built once a row instead of once a product. Per (activation row, weight row) the same
-// operations in the same order as rows_b512_tile (d * dx is the same product as a scalar or in a lane): the output
-// is bit-identical. Qwen2.5-0.5B's Q5_0 layers at 16 rows: ~2x fewer instructions a 64-weight product.
+// unpacked once for the MT activation rows, each activation pair (and its dot's starting value) loaded once for
+// the NT weight rows, and the per-pair scale vectors built once a row instead of once a product. Per (activation
+// row, weight row) the same operations in the same order as rows_b512_tile (d * dx is the same product as a scalar
+// or in a lane): the output is bit-identical. A 64-weight product is a vpdpbusd, a conversion, a multiply and an fma.
 template <int64_t T, int NT, int MT>
 OAG_AVX512 void rows_b512_tile2(const Args &g, int64_t n0, int64_t m0) {
     constexpr int64_t bytes = layout(T).bytes;
@@ -862,25 +859,17 @@ OAG_AVX512 void rows_b512_tile2(const Args &g, int64_t n0, int64_t m0) {
         }
     for (int64_t b = 0; b < nb; b += 2) {
         const bool two = b + 1 < nb;
-        __m512i cw[NT];  // the weight rows' codes (unsigned; Q8_0: their magnitudes)
-        __m256i c0[NT], c1[NT];
+        __m512i cw[NT];  // the weight rows' unsigned codes
         __m512 dw[NT];  // d0 in the low 8 lanes, d1 in the high 8
         float o0[NT], o1[NT];
         for (int u = 0; u < NT; u++) {
             const uint8_t *b0 = row[u] + b * bytes, *b1 = two ? b0 + bytes : b0;
             _mm_prefetch(reinterpret_cast<const char *>(b0 + PF_AHEAD), _MM_HINT_T0);
-            const float d0 = h2f_fast(b0), d1 = h2f_fast(b1);
-            dw[u] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
-            if constexpr (T == Q8_0) {
-                c0[u] = ld32(b0 + 2);
-                c1[u] = ld32(b1 + 2);
-                cw[u] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(c0[u], c0[u])),
-                                           _mm256_sign_epi8(c1[u], c1[u]), 1);
-                o0[u] = o1[u] = 0.0f;
-            } else {
-                cw[u] = codes_u2<T>(b0, b1);
-                o0[u] = offset_u<T>(b0, d0);
-                o1[u] = two ? offset_u<T>(b1, d1) : 0.0f;
+            dw[u] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(h2f_fast(b0)), _mm512_set1_ps(h2f_fast(b1)));
+            cw[u] = codes_w2<T>(b0, b1);
+            if constexpr (float_offset<T>()) {
+                o0[u] = h2f_fast(b0 + 2);
+                o1[u] = two ? h2f_fast(b1 + 2) : 0.0f;
             }
         }
         for (int t = 0; t < MT; t++) {
@@ -889,20 +878,12 @@ OAG_AVX512 void rows_b512_tile2(const Args &g, int64_t n0, int64_t m0) {
             const float *xd = g.a->d.data() + mi * nb, *xs = g.a->fs.data() + mi * nb;
             const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
             const __m256i q1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32)) : _mm256_setzero_si256();
-            const float dx0 = xd[b], dx1 = two ? xd[b + 1] : 0.0f;
-            const __m512 dx = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dx0), _mm512_set1_ps(dx1));
-            const float xs0 = xs[b], xs1 = two ? xs[b + 1] : 0.0f;
+            const __m512 dx = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xd[b]), _mm512_set1_ps(two ? xd[b + 1] : 0.0f));
             const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+            const __m512i init = dot_init<T>(g.a->s32.data() + mi * nb, b, two);
             for (int u = 0; u < NT; u++) {
-                __m512i p;
-                if constexpr (T == Q8_0) {
-                    const __m512i sq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_sign_epi8(q0, c0[u])),
-                                                          _mm256_sign_epi8(q1, c1[u]), 1);
-                    p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cw[u], sq);
-                } else {
-                    p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cw[u], q);
-                    macc[u][t] += std::fma(o0[u], xs0, two ? o1[u] * xs1 : 0.0f);
-                }
+                const __m512i p = _mm512_dpbusd_epi32(init, cw[u], q);
+                if constexpr (float_offset<T>()) macc[u][t] += std::fma(o0[u], xs[b], two ? o1[u] * xs[b + 1] : 0.0f);
                 acc[u][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw[u], dx), acc[u][t]);
             }
         }

@@ -131,9 +131,9 @@ class Scheduler:
                  prefix_cache: bool = True):
         """``model``: what runs the forwards, a :class:`ModelRunner` (an engine's: on its planned cache when that
         holds ``max_batch`` rows of ``max_len``, its decode steps then on the compiled step, with the rows kept at
-        cache rows 0..B-1, see :meth:`_compact`), or a model, run eagerly. ``on_idle``: called on the scheduler thread while nothing is queued or running (a safe point to
-        :meth:`rebind` to a faster runner). ``prefix_cache``: reuse the keys and values of shared prompt prefixes
-        (see the module's docstring)."""
+        cache rows 0..B-1, see :meth:`_compact`), or a model, run eagerly. ``on_idle``: called on the scheduler
+        thread while nothing is queued or running (a safe point to :meth:`rebind` to a faster runner).
+        ``prefix_cache``: reuse the keys and values of shared prompt prefixes (see the module's docstring)."""
         self.tok, self.eos_ids = tokenizer, set(eos_ids)
         ctx = model.config.max_position_embeddings
         self.max_len = min(max_len or ctx, ctx)

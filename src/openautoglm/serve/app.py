@@ -231,7 +231,8 @@ def create_app(engine, settings: ServeSettings | None = None):
     metrics = Metrics()
     budget = None
     sched = Scheduler(engine.model_runner(compile_missing=False), engine.tokenizer, engine.eos_ids,
-                      max_batch=st.max_batch, max_queue=st.max_queue, max_len=st.max_len, prefill_chunk=st.prefill_chunk, aging_s=st.aging_s, on_metrics=metrics,
+                      max_batch=st.max_batch, max_queue=st.max_queue, max_len=st.max_len,
+                      prefill_chunk=st.prefill_chunk, aging_s=st.aging_s, on_metrics=metrics,
                       max_failures=st.max_failures, failure_window_s=st.failure_window_s,
                       on_idle=_switch_when_built(engine), prefix_cache=st.prefix_cache)
     if st.kv_budget_mb:

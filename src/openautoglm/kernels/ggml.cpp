@@ -758,6 +758,13 @@ OAG_AVX512 __m512i codes_w2(const uint8_t *b0, const uint8_t *b1) {
     else return codes_u2<T>(b0, b1);
 }
 
+// the int8 activations of blocks b and b + 1 in one zmm (an odd tail block pairs with zeros)
+OAG_AVX512 __m512i x_pair(const int8_t *xq, bool two) {
+    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
+    const __m256i q1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32)) : _mm256_setzero_si256();
+    return _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+}
+
 template <int64_t T, int R>
 OAG_AVX512 void rows_b512_r(const Args &g, int64_t n) {
     constexpr int64_t bytes = layout(T).bytes;
@@ -778,11 +785,8 @@ OAG_AVX512 void rows_b512_r(const Args &g, int64_t n) {
         for (int64_t b = 0; b < nb; b += 2) {
             const bool two = b + 1 < nb;  // an odd tail block pairs with zero activations
             _mm_prefetch(reinterpret_cast<const char *>(row[0] + b * bytes + PF_AHEAD), _MM_HINT_T0);
-            const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + b * 32));
-            const __m256i q1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + b * 32 + 32))
-                                   : _mm256_setzero_si256();
             const float dx0 = xd[b], dx1 = two ? xd[b + 1] : 0.0f;
-            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+            const __m512i q = x_pair(xq + b * 32, two);
             const __m512i init = dot_init<T>(x32, b, two);
             for (int r = 0; r < R; r++) {
                 const uint8_t *b0 = row[r] + b * bytes, *b1 = two ? b0 + bytes : b0;
@@ -798,52 +802,11 @@ OAG_AVX512 void rows_b512_r(const Args &g, int64_t n) {
     }
 }
 
-// rows_b512_r for a tile of MT activation rows: a block pair's codes and scales unpacked once for the tile; per
-// (activation row, weight row) the same operations in the same order (bit-identical output).
-template <int64_t T, int MT>
-OAG_AVX512 void rows_b512_tile(const Args &g, int64_t n, int64_t m0) {
-    constexpr int64_t bytes = layout(T).bytes;
-    const int64_t nb = g.K / 32;
-    const uint8_t *row = g.raw + n * g.rb;
-    __m512 acc[MT];
-    float macc[MT];
-    for (int t = 0; t < MT; t++) {
-        acc[t] = _mm512_setzero_ps();
-        macc[t] = 0.0f;
-    }
-    for (int64_t b = 0; b < nb; b += 2) {
-        const bool two = b + 1 < nb;
-        const uint8_t *b0 = row + b * bytes, *b1 = two ? b0 + bytes : b0;
-        _mm_prefetch(reinterpret_cast<const char *>(b0 + PF_AHEAD), _MM_HINT_T0);
-        const float d0 = h2f_fast(b0), d1 = h2f_fast(b1);
-        const __m512i cw = codes_w2<T>(b0, b1);
-        float o0 = 0.0f, o1 = 0.0f;
-        if constexpr (float_offset<T>()) {
-            o0 = h2f_fast(b0 + 2);
-            o1 = two ? h2f_fast(b1 + 2) : 0.0f;
-        }
-        for (int t = 0; t < MT; t++) {
-            const int64_t mi = m0 + t;
-            const int8_t *xq = g.a->q.data() + mi * g.K + b * 32;
-            const float *xd = g.a->d.data() + mi * nb, *xs = g.a->fs.data() + mi * nb;
-            const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
-            const __m256i q1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32)) : _mm256_setzero_si256();
-            const float dx0 = xd[b], dx1 = two ? xd[b + 1] : 0.0f;
-            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
-            const __m512i p = _mm512_dpbusd_epi32(dot_init<T>(g.a->s32.data() + mi * nb, b, two), cw, q);
-            if constexpr (float_offset<T>()) macc[t] += std::fma(o0, xs[b], two ? o1 * xs[b + 1] : 0.0f);
-            const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * dx0), _mm512_set1_ps(d1 * dx1));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dd, acc[t]);
-        }
-    }
-    for (int t = 0; t < MT; t++) g.y[(m0 + t) * g.N + n] = _mm512_reduce_add_ps(acc[t]) + macc[t];
-}
-
-// rows_b512_tile over NT weight rows at once (a tile of NT x MT dot products): each block pair's codes are
-// unpacked once for the MT activation rows, each activation pair (and its dot's starting value) loaded once for
-// the NT weight rows, and the per-pair scale vectors built once a row instead of once a product. Per (activation
-// row, weight row) the same operations in the same order as rows_b512_tile (d * dx is the same product as a scalar
-// or in a lane): the output is bit-identical. A 64-weight product is a vpdpbusd, a conversion, a multiply and an fma.
+// rows_b512_r for a tile of NT weight rows x MT activation rows: each block pair's codes unpacked once for the MT
+// activation rows, each activation pair (and its dot's starting value) loaded once for the NT weight rows, and the
+// per-pair scale vectors built once a row instead of once a product. Per (activation row, weight row) the same
+// operations in the same order as rows_b512_r (d * dx is the same product as a scalar or in a lane): the output is
+// bit-identical. A 64-weight product is a vpdpbusd, a conversion, a multiply and an fma.
 template <int64_t T, int NT, int MT>
 OAG_AVX512 void rows_b512_tile2(const Args &g, int64_t n0, int64_t m0) {
     constexpr int64_t bytes = layout(T).bytes;
@@ -876,10 +839,8 @@ OAG_AVX512 void rows_b512_tile2(const Args &g, int64_t n0, int64_t m0) {
             const int64_t mi = m0 + t;
             const int8_t *xq = g.a->q.data() + mi * g.K + b * 32;
             const float *xd = g.a->d.data() + mi * nb, *xs = g.a->fs.data() + mi * nb;
-            const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
-            const __m256i q1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32)) : _mm256_setzero_si256();
             const __m512 dx = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xd[b]), _mm512_set1_ps(two ? xd[b + 1] : 0.0f));
-            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+            const __m512i q = x_pair(xq, two);
             const __m512i init = dot_init<T>(g.a->s32.data() + mi * nb, b, two);
             for (int u = 0; u < NT; u++) {
                 const __m512i p = _mm512_dpbusd_epi32(init, cw[u], q);
@@ -908,8 +869,8 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) vo
         }
         for (; n < n1; n++) {
             int64_t m = 0;
-            for (; m + TILE_M <= g.M; m += TILE_M) rows_b512_tile<T, TILE_M>(g, n, m);
-            for (; m < g.M; m++) rows_b512_tile<T, 1>(g, n, m);
+            for (; m + TILE_M <= g.M; m += TILE_M) rows_b512_tile2<T, 1, TILE_M>(g, n, m);
+            for (; m < g.M; m++) rows_b512_tile2<T, 1, 1>(g, n, m);
         }
         return;
     }

@@ -55,7 +55,7 @@ class ModelRunner:
         if self.session is not None:
             self.session["ids"] = None
         if self.planned is not None and self.planned.batch >= batch and self.planned.max_len >= length:
-            self.cache = self.planned
+            self.cache = self.planned  # (rows 0..batch-1: the compiled step's rows)
             return held
         self.cache = KVCache.for_model(self.model, batch, length)
         return None
@@ -64,10 +64,6 @@ class ModelRunner:
         """Row 0 of the planned cache holds the keys and values of ``ids`` (from slot 0)."""
         if self.session is not None and self.cache is self.planned:
             self.session["ids"] = list(ids)
-
-    def fits(self, batch: int, length: int) -> bool:
-        """Whether claims of ``batch`` rows of ``length`` run in the planned cache (and so on compiled steps)."""
-        return self.planned is not None and self.planned.batch >= batch and self.planned.max_len >= length
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy cache row ``src``'s first ``length`` slots to row ``dst``."""
@@ -79,10 +75,6 @@ class ModelRunner:
     @property
     def bytes_per_token(self) -> int:
         return self.cache.nbytes // (self.cache.batch * self.cache.max_len)
-
-    @property
-    def max_len(self) -> int:
-        return self.cache.max_len
 
     # ---- forwards ---------------------------------------------------------------------------------------
     def _select(self, rows) -> None:
@@ -105,9 +97,9 @@ class ModelRunner:
         (B, V). ``context``: the slots the step must attend (default: the furthest position + 1); a caller that
         wants one compiled shape for a whole generation passes its final length."""
         B = ids.shape[0]
-        n = int(positions.max()) + 1 if context is None else context
-        static = self._static_len(rows, B, n)
-        self._select(None if rows is None or list(rows) == list(range(B)) else rows)
+        leading = rows is None or list(rows) == list(range(B))  # rows 0..B-1: what a compiled step runs
+        static = self._static_len(leading, int(positions.max()) + 1 if context is None else context)
+        self._select(None if leading else rows)
         self.cache.static_len = static
         try:
             with torch.inference_mode():
@@ -117,11 +109,11 @@ class ModelRunner:
         self.compiled_steps += static is not None and hasattr(self.model, "has_step")
         return out
 
-    def _static_len(self, rows, batch: int, context: int) -> int | None:
+    def _static_len(self, leading: bool, context: int) -> int | None:
         """The attended length a decode step runs at: the context rounded up to the bucket on the planned cache's
-        rows 0..B-1 (a compiled step's shape); None elsewhere (eager, attending over what it needs)."""
+        rows 0..B-1 (``leading``: a compiled step's shape); None elsewhere (eager, attending over what it needs)."""
         b = self.len_bucket
-        if not b or self.cache is not self.planned or (rows is not None and list(rows) != list(range(batch))):
+        if not b or self.cache is not self.planned or not leading:
             return None
         top = self.cache.max_len
         n = min(-(-context // b) * b, top)

@@ -91,6 +91,39 @@ def test_gemv_is_the_dequantized_weights_times_the_quantized_activations(qtype, 
     assert yb.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("qtype", kernels.X16_TYPES)
+def test_interleaved_layout_holds_the_stored_bytes_and_computes_what_they_do(qtype):
+    """The 16-row interleaved layout (the AVX-512 VNNI GEMV's): the stored rows come back out of it byte for byte,
+    its dequantization is gguf-py's bit for bit, and its GEMV is the exact product within the stated rounding,
+    a batch bit for bit its rows one by one (tiles of 16, 8, 4, 2 and 1 rows)."""
+    N, K = 48, 544  # 3 groups of 16 rows; 17 blocks
+    raw = random_rows(qtype, N, K, seed=5)
+    xr = kernels.ggml_interleave(raw, qtype, K)
+    assert not torch.equal(xr, raw) and xr.shape == raw.shape
+    assert torch.equal(kernels.ggml_rows(xr, qtype, K, interleaved=True), raw)
+    idx = torch.tensor([47, 0, 17, 17, 31])
+    assert torch.equal(kernels.ggml_rows(xr, qtype, K, idx, interleaved=True), raw[idx])
+    ref = gguf_py(raw, qtype)
+    for path in range(("scalar", "avx2", "avx512").index(kernels.ggml_dequant_path()) + 1):
+        for dt in (torch.float32, torch.bfloat16):
+            assert torch.equal(kernels.ggml_dequant(xr, qtype, K, dt, path=path, interleaved=True), ref.to(dt))
+    if kernels.ggml_gemv_path() != "avx512vnni":
+        with pytest.raises(RuntimeError, match="interleaved layout runs on the AVX-512 VNNI path only"):
+            kernels.ggml_gemv(torch.randn(1, K), xr, qtype, K, interleaved=True)
+        return
+    x = torch.randn(31, K, generator=torch.Generator().manual_seed(6))
+    x[:, 9] *= 30
+    q, d = quantize_x(x, 32)
+    exact = (q.double() * d.double()) @ ref.double().T
+    scale = (q.double().abs() * d.double()) @ ref.double().abs().T
+    y = kernels.ggml_gemv(x, xr, qtype, K, interleaved=True)
+    err = (y.double() - exact).abs()
+    assert bool((err <= 1e-5 * scale + 1e-7).all()), (qtype, float((err / (scale + 1e-9)).max()))
+    assert torch.equal(torch.cat([kernels.ggml_gemv(x[i:i + 1], xr, qtype, K, interleaved=True) for i in range(31)]), y)
+    with pytest.raises(RuntimeError, match="groups of 16"):
+        kernels.ggml_gemv(x, xr[:40], qtype, K, interleaved=True)
+
+
 def test_gemv_and_dequant_reject_bad_input():
     raw = random_rows("Q8_0", 4, 64)
     with pytest.raises(RuntimeError, match="multiple of the block size"):
@@ -125,3 +158,26 @@ def test_prefill_through_the_reused_workspace_is_the_fresh_dequantization():
         QM.WORKSPACE_MAX = old
     for a, b, c in zip(ws[0], ws[1], fresh):
         assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_layer_holds_the_interleaved_layout_where_the_gemv_computes_on_it():
+    """A GGMLLinear takes the 16-row layout exactly where ``kernels.interleaves`` says (AVX-512 VNNI, whole
+    groups), leaves a caller's tensor alone unless it is ``owned``, and still gives the stored rows, the embedding
+    rows and the concatenation (fused q/k/v, gate/up) of the file's bytes."""
+    from openautoglm.quant.modules import GGMLLinear, cat_rows
+
+    raw = random_rows("Q5_0", 64, 256, seed=7)
+    keep = raw.clone()
+    layer = GGMLLinear(raw, "Q5_0", 256, None)
+    assert layer.interleaved == kernels.interleaves("Q5_0", 64)
+    assert torch.equal(raw, keep) and torch.equal(layer.stored_rows(), raw)
+    idx = torch.tensor([[3, 60], [16, 15]])
+    assert torch.equal(layer.dequantize_rows(idx), gguf_py(raw, "Q5_0")[idx])
+    assert torch.equal(layer.dequantized(), gguf_py(raw, "Q5_0"))
+    owned = GGMLLinear(raw, "Q5_0", 256, None, owned=True)
+    assert (owned.raw.data_ptr() == raw.data_ptr()) and torch.equal(owned.stored_rows(), keep)
+    other = random_rows("Q5_0", 32, 256, seed=8)
+    fused = cat_rows([GGMLLinear(keep, "Q5_0", 256, None), GGMLLinear(other, "Q5_0", 256, None)])
+    assert fused.interleaved == layer.interleaved and torch.equal(fused.stored_rows(), torch.cat([keep, other]))
+    assert not GGMLLinear(random_rows("Q5_0", 40, 256), "Q5_0", 256, None).interleaved  # not whole groups
+    assert not GGMLLinear(random_rows("Q4_K", 64, 256), "Q4_K", 256, None).interleaved  # no such layout

@@ -87,7 +87,7 @@ def _ggml_layers(model: nn.Module, ckpt: Checkpoint, progress: bool) -> None:
         raw = ckpt.load_raw(f"{name}.weight")
         if info.storage in INT4_TYPES:  # the same codes in our int4 format: O3's tuned int4 kernels
             return int4_from_ggml(raw, info.storage, info.shape[1], bias)
-        return GGMLLinear(raw, info.storage, info.shape[1], bias)
+        return GGMLLinear(raw, info.storage, info.shape[1], bias, owned=True)
 
     linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and n != "lm_head"}

@@ -171,6 +171,8 @@ _C_SHIMS = {
                            "AtenTensorHandle* ret0)",
     "ggml_gemv": "AOTITorchError aoti_torch_cpu_ggml_gemv(AtenTensorHandle x, AtenTensorHandle raw, int64_t qtype, "
                  "int64_t K, int64_t path, AtenTensorHandle* ret0)",
+    "ggml_rows": "AOTITorchError aoti_torch_cpu_ggml_rows(AtenTensorHandle raw, int64_t qtype, int64_t K, "
+                 "AtenTensorHandle idx, AtenTensorHandle* ret0)",
     "ggml_dequant": "AOTITorchError aoti_torch_cpu_ggml_dequant(AtenTensorHandle raw, int64_t qtype, int64_t K, "
                     "int64_t bf16, int64_t path, AtenTensorHandle* ret0)",
 }
@@ -223,6 +225,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("openautoglm::ggml_gemv")
     def _(x, raw, qtype, K, path=-1):
         return x.new_empty(x.shape[0], raw.shape[0])
+
+    @torch.library.register_fake("openautoglm::ggml_rows")
+    def _(raw, qtype, K, idx):
+        return raw.new_empty(idx.numel(), raw.shape[1])
 
     @torch.library.register_fake("openautoglm::ggml_dequant")
     def _(raw, qtype, K, bf16=0, path=-1):
@@ -297,24 +303,59 @@ def ggml_dequant_path() -> str:
     return ("scalar", "avx2", "avx512")[torch.ops.openautoglm.ggml_dequant_path()]
 
 
-def ggml_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, K: int, path: int = -1) -> torch.Tensor:
-    """(M, K) fp32/bf16 activations x GGML block weights ``raw`` (N, bytes a row, as the GGUF file stores them)
-    -> (M, N) in x's dtype. The activations are quantized to int8 per block of 32 and each weight block is dotted
-    in integers (llama.cpp's arithmetic); ``path`` forces 0 (scalar), 1 (AVX2) or 2 (AVX512-VNNI)."""
+#: the 32-block types that have the 16-row interleaved layout (``ggml_interleave``); a type id | ``X16`` names it
+X16_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+X16, X16_ROWS = 256, 16
+
+
+def ggml_type_id(qtype: str, interleaved: bool = False) -> int:
+    return GGML_TYPES[qtype] | (X16 if interleaved else 0)
+
+
+def interleaves(qtype: str, rows: int) -> bool:
+    """Whether (rows, K) blocks of ``qtype`` are best held interleaved here: where ``ggml_gemv`` runs AVX-512 VNNI
+    (the only path that computes on that layout) and the rows come in whole groups of 16."""
+    return qtype in X16_TYPES and rows % X16_ROWS == 0 and ggml_gemv_path() == "avx512vnni"
+
+
+def ggml_interleave(raw: torch.Tensor, qtype: str, K: int, inplace: bool = False) -> torch.Tensor:
+    """(N, bytes a row) stored blocks -> the same bytes in the 16-row interleaved layout (kernels/ggml.cpp): a
+    copy, or ``raw`` itself rearranged (``inplace``: no second copy of the weights exists at any time)."""
     _require_ops()
-    return torch.ops.openautoglm.ggml_gemv(x, raw, GGML_TYPES[qtype], K, path)
+    out = raw if inplace else raw.contiguous().clone()
+    torch.ops.openautoglm.ggml_interleave_(out, GGML_TYPES[qtype], K)
+    return out
+
+
+def ggml_rows(raw: torch.Tensor, qtype: str, K: int, idx: torch.Tensor | None = None,
+              interleaved: bool = False) -> torch.Tensor:
+    """Rows ``idx`` (all by default) of (N, bytes a row) blocks, as the GGUF file stores them."""
+    _require_ops()
+    idx = torch.arange(raw.shape[0]) if idx is None else idx
+    return torch.ops.openautoglm.ggml_rows(raw, ggml_type_id(qtype, interleaved), K, idx)
+
+
+def ggml_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: str, K: int, path: int = -1,
+              interleaved: bool = False) -> torch.Tensor:
+    """(M, K) fp32/bf16 activations x GGML block weights ``raw`` (N, bytes a row, as the GGUF file stores them,
+    or ``interleaved``) -> (M, N) in x's dtype. The activations are quantized to int8 per block of 32 and each
+    weight block is dotted in integers (llama.cpp's arithmetic); ``path`` forces 0 (scalar), 1 (AVX2) or 2
+    (AVX512-VNNI, the only one for the interleaved layout)."""
+    _require_ops()
+    return torch.ops.openautoglm.ggml_gemv(x, raw, ggml_type_id(qtype, interleaved), K, path)
 
 
 def ggml_dequant(raw: torch.Tensor, qtype: str, K: int, dtype: torch.dtype = torch.float32,
-                 path: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
+                 path: int = -1, out: torch.Tensor | None = None, interleaved: bool = False) -> torch.Tensor:
     """GGML block weights (N, bytes a row) -> (N, K) fp32 (bit for bit gguf-py's ``dequantize``) or bf16 (that,
     rounded to nearest even). ``path`` forces 0 (scalar), 1 (AVX2) or 2 (AVX-512). ``out``: a contiguous (N, K) fp32 or bf16
     tensor to write (its dtype wins over ``dtype``), returned."""
     _require_ops()
+    tid = ggml_type_id(qtype, interleaved)
     if out is not None:
-        torch.ops.openautoglm.ggml_dequant_out(raw, GGML_TYPES[qtype], K, out, path)
+        torch.ops.openautoglm.ggml_dequant_out(raw, tid, K, out, path)
         return out
-    return torch.ops.openautoglm.ggml_dequant(raw, GGML_TYPES[qtype], K, int(dtype == torch.bfloat16), path)
+    return torch.ops.openautoglm.ggml_dequant(raw, tid, K, int(dtype == torch.bfloat16), path)
 
 
 def _require_ops() -> None:

@@ -303,6 +303,82 @@ struct Args {
     float *y;  // (M, N) fp32
 };
 
+constexpr int X16_ROWS = 16;
+constexpr int64_t X16 = 256;  // a type id's flag: the rows are interleaved in groups of 16
+
+// The 16-row interleaved layout of the 32-block types (type id qt | X16), repacked once at load where the
+// AVX-512 VNNI path runs: one vpdpbusd multiplies 4 weights of each of 16 rows by 4 broadcast activations, so a
+// block of 16 rows is 8 dot instructions, one conversion and one fma per activation row, with no horizontal sums
+// (llama.cpp's CPU "repack" layouts, for the same reason). The codes are the stored bytes, moved, never re-encoded:
+// a group block (16 rows x one block, as many bytes as the 16 stored blocks) is
+//   [d: 16 fp16] [m: 16 fp16, Q4_1/Q5_1] [Q5 fifth bits: 8 x 64-bit lane masks] [codes: 64-byte vectors]
+// code vector v holds row r's quant bytes 4v..4v+3 at bytes 4r..4r+3: Q8_0's eight vectors are weights 4v..4v+3;
+// Q4/Q5's four hold weights 4v..4v+3 in their low nibbles and 16+4v.. in their high ones (the stored packing),
+// so weight group j (weights 4j..4j+3) is vector j % 4's low (j < 4) or high nibbles; Q5 mask j has bit 4r+i set
+// where row r's weight 4j+i has its fifth bit.
+template <int64_t T> constexpr int raw_m() { return T == Q4_1 || T == Q5_1 ? 2 : -1; }
+template <int64_t T> constexpr int raw_qh() { return T == Q5_0 ? 2 : T == Q5_1 ? 4 : -1; }
+template <int64_t T> constexpr int raw_qs() { return T == Q4_0 ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : T == Q5_1 ? 8 : 2; }
+template <int64_t T> constexpr int x_qh() { return raw_m<T>() >= 0 ? 64 : 32; }
+template <int64_t T> constexpr int x_codes() { return x_qh<T>() + (raw_qh<T>() >= 0 ? 64 : 0); }
+template <int64_t T> constexpr int code_vectors() { return T == Q8_0 ? 8 : 4; }
+
+template <int64_t T>
+void x16_pack_block(const uint8_t *const src[X16_ROWS], uint8_t *dst) {
+    for (int r = 0; r < X16_ROWS; r++) {
+        std::memcpy(dst + 2 * r, src[r], 2);
+        if constexpr (raw_m<T>() >= 0) std::memcpy(dst + 32 + 2 * r, src[r] + raw_m<T>(), 2);
+        for (int v = 0; v < code_vectors<T>(); v++)
+            std::memcpy(dst + x_codes<T>() + 64 * v + 4 * r, src[r] + raw_qs<T>() + 4 * v, 4);
+    }
+    if constexpr (raw_qh<T>() >= 0)
+        for (int j = 0; j < 8; j++) {
+            uint64_t mask = 0;
+            for (int r = 0; r < X16_ROWS; r++) mask |= (uint64_t)((u32(src[r] + raw_qh<T>()) >> (4 * j)) & 15u) << (4 * r);
+            std::memcpy(dst + x_qh<T>() + 8 * j, &mask, 8);
+        }
+}
+
+template <int64_t T>
+void x16_unpack_block(const uint8_t *g, int r, uint8_t *blk) {
+    std::memcpy(blk, g + 2 * r, 2);
+    if constexpr (raw_m<T>() >= 0) std::memcpy(blk + raw_m<T>(), g + 32 + 2 * r, 2);
+    for (int v = 0; v < code_vectors<T>(); v++) std::memcpy(blk + raw_qs<T>() + 4 * v, g + x_codes<T>() + 64 * v + 4 * r, 4);
+    if constexpr (raw_qh<T>() >= 0) {
+        uint32_t qh = 0;
+        for (int j = 0; j < 8; j++) {
+            uint64_t mask;
+            std::memcpy(&mask, g + x_qh<T>() + 8 * j, 8);
+            qh |= (uint32_t)((mask >> (4 * r)) & 15u) << (4 * j);
+        }
+        std::memcpy(blk + raw_qh<T>(), &qh, 4);
+    }
+}
+
+// rows g0 * 16 .. g1 * 16 of (N, rb) stored blocks, interleaved in place (tmp: 16 rows' bytes)
+template <int64_t T>
+void x16_pack_groups(uint8_t *raw, int64_t rb, int64_t nb, int64_t g0, int64_t g1) {
+    constexpr int64_t bytes = layout(T).bytes;
+    std::vector<uint8_t> tmp(X16_ROWS * rb);
+    for (int64_t gi = g0; gi < g1; gi++) {
+        uint8_t *grp = raw + gi * X16_ROWS * rb;
+        std::memcpy(tmp.data(), grp, tmp.size());
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *src[X16_ROWS];
+            for (int r = 0; r < X16_ROWS; r++) src[r] = tmp.data() + r * rb + b * bytes;
+            x16_pack_block<T>(src, grp + b * X16_ROWS * bytes);
+        }
+    }
+}
+
+// stored row n (as the GGUF file has it) out of the interleaved (N, rb)
+template <int64_t T>
+void x16_unpack_row(const uint8_t *raw, int64_t rb, int64_t nb, int64_t n, uint8_t *row) {
+    constexpr int64_t bytes = layout(T).bytes;
+    const uint8_t *grp = raw + (n / X16_ROWS) * X16_ROWS * rb;
+    for (int64_t b = 0; b < nb; b++) x16_unpack_block<T>(grp + b * X16_ROWS * bytes, (int)(n % X16_ROWS), row + b * bytes);
+}
+
 template <int64_t T>
 void rows_scalar(const Args &g, int64_t n0, int64_t n1) {
     const Layout L = layout(T);
@@ -909,6 +985,71 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"))) void rows_v
     for (; n + 2 <= n1; n += 2) rows_r_vnni<T, 2>(g, n);
     for (; n < n1; n++) rows_r_vnni<T, 1>(g, n);
 }
+
+// The GEMV on the interleaved layout: MT activation rows, each 16 weight rows' block unpacked once for all of
+// them. Per (activation row, weight row) the block's integer dot starts from -Z * sum(q) and is exact, then
+// acc += float(dot) * (d_w * d_x), block after block: the same operations in the same order whatever MT is, so a
+// batch is bit for bit its rows one by one. Q4_1/Q5_1 add m * d_x * sum(q) in a second accumulator.
+template <int64_t T, int MT>
+OAG_AVX512 void rows_x16_tile(const Args &g, int64_t n, int64_t m0) {
+    constexpr int64_t gb = X16_ROWS * layout(T).bytes;
+    constexpr int Z = zero_point<T>();
+    const int64_t nb = g.K / 32;
+    const uint8_t *grp = g.raw + n * g.rb;
+    __m512 acc[MT], macc[MT];
+    for (int t = 0; t < MT; t++) acc[t] = macc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gk = grp + b * gb;
+        for (int64_t l = 0; l < gb; l += 64) _mm_prefetch(reinterpret_cast<const char *>(gk + PF_AHEAD + l), _MM_HINT_T0);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(gk)));
+        __m512i c[8];
+        if constexpr (T == Q8_0) {
+            for (int j = 0; j < 8; j++)
+                c[j] = _mm512_xor_si512(_mm512_loadu_si512(gk + x_codes<T>() + 64 * j), _mm512_set1_epi8((char)0x80));
+        } else {
+            const __m512i m4 = _mm512_set1_epi8(15);
+            for (int v = 0; v < 4; v++) {
+                const __m512i w = _mm512_loadu_si512(gk + x_codes<T>() + 64 * v);
+                c[v] = _mm512_and_si512(w, m4);
+                c[v + 4] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+            }
+            if constexpr (raw_qh<T>() >= 0)
+                for (int j = 0; j < 8; j++) {
+                    uint64_t mk;
+                    std::memcpy(&mk, gk + x_qh<T>() + 8 * j, 8);
+                    c[j] = _mm512_mask_add_epi8(c[j], (__mmask64)mk, c[j], _mm512_set1_epi8(16));
+                }
+        }
+        __m512 mw;
+        if constexpr (float_offset<T>()) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(gk + 32)));
+#pragma GCC unroll 16
+        for (int t = 0; t < MT; t++) {
+            const int64_t mi = m0 + t;
+            const int8_t *xq = g.a->q.data() + mi * g.K + b * 32;
+            __m512i p = Z ? _mm512_set1_epi32(-Z * g.a->s32[mi * nb + b]) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) p = _mm512_dpbusd_epi32(p, c[j], _mm512_set1_epi32((int)u32(reinterpret_cast<const uint8_t *>(xq) + 4 * j)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, _mm512_set1_ps(g.a->d[mi * nb + b])), acc[t]);
+            if constexpr (float_offset<T>()) macc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(g.a->fs[mi * nb + b]), macc[t]);
+        }
+    }
+    for (int t = 0; t < MT; t++)
+        _mm512_storeu_ps(g.y + (m0 + t) * g.N + n, float_offset<T>() ? _mm512_add_ps(acc[t], macc[t]) : acc[t]);
+}
+
+// rows n0..n1 (whole groups of 16): the activation rows in tiles of 16, 8, 4, 2 and 1
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) void rows_x16(const Args &g, int64_t n0,
+                                                                                            int64_t n1) {
+    for (int64_t n = n0; n < n1; n += X16_ROWS) {
+        int64_t m = 0;
+        for (; m + 16 <= g.M; m += 16) rows_x16_tile<T, 16>(g, n, m);
+        if (g.M - m >= 8) rows_x16_tile<T, 8>(g, n, m), m += 8;
+        if (g.M - m >= 4) rows_x16_tile<T, 4>(g, n, m), m += 4;
+        if (g.M - m >= 2) rows_x16_tile<T, 2>(g, n, m), m += 2;
+        if (g.M - m >= 1) rows_x16_tile<T, 1>(g, n, m);
+    }
+}
 #endif
 
 bool has(const char *f) {
@@ -959,9 +1100,55 @@ RowsFn rows_fn(int64_t qt, int64_t path) {
     }
 }
 
-void check_raw(const at::Tensor &raw, int64_t qt, int64_t K) {
+RowsFn rows_x16_fn(int64_t qt) {
+#ifdef OAG_X86
+    switch (qt) {
+        case Q4_0: return &rows_x16<Q4_0>;
+        case Q4_1: return &rows_x16<Q4_1>;
+        case Q5_0: return &rows_x16<Q5_0>;
+        case Q5_1: return &rows_x16<Q5_1>;
+        case Q8_0: return &rows_x16<Q8_0>;
+    }
+#endif
+    (void)qt;
+    return nullptr;
+}
+
+// the (un)interleaving, per type
+using PackFn = void (*)(uint8_t *, int64_t, int64_t, int64_t, int64_t);
+using UnpackFn = void (*)(const uint8_t *, int64_t, int64_t, int64_t, uint8_t *);
+
+template <typename F>
+F x16_fn(int64_t qt, F q40, F q41, F q50, F q51, F q80) {
+    switch (qt) {
+        case Q4_0: return q40;
+        case Q4_1: return q41;
+        case Q5_0: return q50;
+        case Q5_1: return q51;
+        case Q8_0: return q80;
+        default: return nullptr;
+    }
+}
+
+PackFn pack_fn(int64_t qt) {
+    return x16_fn<PackFn>(qt, &x16_pack_groups<Q4_0>, &x16_pack_groups<Q4_1>, &x16_pack_groups<Q5_0>,
+                          &x16_pack_groups<Q5_1>, &x16_pack_groups<Q8_0>);
+}
+
+UnpackFn unpack_fn(int64_t qt) {
+    return x16_fn<UnpackFn>(qt, &x16_unpack_row<Q4_0>, &x16_unpack_row<Q4_1>, &x16_unpack_row<Q5_0>,
+                            &x16_unpack_row<Q5_1>, &x16_unpack_row<Q8_0>);
+}
+
+constexpr bool x16_type(int64_t qt) { return qt == Q4_0 || qt == Q4_1 || qt == Q5_0 || qt == Q5_1 || qt == Q8_0; }
+
+void check_raw(const at::Tensor &raw, int64_t qt_, int64_t K) {
+    const bool x16 = qt_ & X16;
+    const int64_t qt = qt_ & ~X16;
     const Layout L = layout(qt);
-    TORCH_CHECK(L.block > 0, "ggml type ", qt, " has no kernel here");
+    TORCH_CHECK(L.block > 0 && (!x16 || x16_type(qt)), "ggml type ", qt_, " has no kernel here");
+    TORCH_CHECK(!x16 || (raw.dim() == 2 && raw.size(0) % X16_ROWS == 0), "interleaved rows come in groups of ",
+                X16_ROWS, ", got ", raw.sizes());
     TORCH_CHECK(K > 0 && K % L.block == 0, "K=", K, " is not a multiple of the block size ", L.block);
     TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.size(1) == K / L.block * L.bytes,
                 "raw must be (N, ", K / L.block * L.bytes, ") uint8, got ", raw.sizes());
@@ -975,13 +1162,20 @@ at::Tensor ggml_gemv(const at::Tensor &x_, const at::Tensor &raw_, int64_t qt, i
     TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
     const int64_t best = gemv_path(), use = path < 0 ? best : path;
     TORCH_CHECK(use >= 0 && use <= best, "ggml_gemv: code path ", path, " is not available here");
+    TORCH_CHECK(!(qt & X16) || use == 2, "ggml_gemv: the interleaved layout runs on the AVX-512 VNNI path only");
     const at::Tensor xf = x_.to(at::kFloat).contiguous(), raw = raw_.contiguous();
     const int64_t M = xf.size(0), N = raw.size(0);
     const XQ a = quantize_x(xf.data_ptr<float>(), M, K, (qt == Q4_K || qt == Q5_K || qt == Q6_K) ? 256 : 32);
     at::Tensor y = at::empty({M, N}, xf.options());
     const Args g{raw.data_ptr<uint8_t>(), raw.size(1), &a, M, N, K, y.data_ptr<float>()};
-    const RowsFn fn = rows_fn(qt, use);
-    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { fn(g, n0, n1); });
+    if (qt & X16) {
+        const RowsFn fn = rows_x16_fn(qt & ~X16);
+        at::parallel_for(0, N / X16_ROWS, GRAIN / X16_ROWS,
+                         [&](int64_t g0, int64_t g1) { fn(g, g0 * X16_ROWS, g1 * X16_ROWS); });
+    } else {
+        const RowsFn fn = rows_fn(qt, use);
+        at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { fn(g, n0, n1); });
+    }
     return x_.scalar_type() == at::kFloat ? y : y.to(x_.scalar_type());
 }
 
@@ -1136,10 +1330,53 @@ void dequant_into(const at::Tensor &raw_, int64_t qt, int64_t K, at::Tensor &out
                 "out must be a contiguous (", N, ", ", K, ") fp32 or bf16 tensor, got ", out.sizes(), " ",
                 out.scalar_type());
     const bool bf = out.scalar_type() == at::kBFloat16;
-    const DqFn fn = dq_fn(qt, use);
+    const DqFn fn = dq_fn(qt & ~X16, use);
     const uint8_t *rp = raw.data_ptr<uint8_t>();
+    const int64_t rb = raw.size(1);
+    if (qt & X16) {  // a group's stored rows back in a buffer, then dequantized as the stored rows are
+        const UnpackFn un = unpack_fn(qt & ~X16);
+        const int64_t nb = K / 32, es = bf ? 2 : 4;
+        at::parallel_for(0, N / X16_ROWS, GRAIN / X16_ROWS, [&](int64_t g0, int64_t g1) {
+            std::vector<uint8_t> rows(X16_ROWS * rb);
+            for (int64_t gi = g0; gi < g1; gi++) {
+                for (int r = 0; r < X16_ROWS; r++) un(rp, rb, nb, gi * X16_ROWS + r, rows.data() + r * rb);
+                fn(rows.data(), rb, K, static_cast<uint8_t *>(out.data_ptr()) + gi * X16_ROWS * K * es, bf, 0, X16_ROWS);
+            }
+        });
+        return;
+    }
     void *op = out.data_ptr();
-    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { fn(rp, raw.size(1), K, op, bf, n0, n1); });
+    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { fn(rp, rb, K, op, bf, n0, n1); });
+}
+
+// the 32-block rows of raw (N a multiple of 16) interleaved in place, for ggml_gemv's qtype | X16
+void ggml_interleave_(at::Tensor raw, int64_t qt, int64_t K) {
+    TORCH_CHECK(x16_type(qt), "ggml type ", qt, " has no interleaved layout");
+    check_raw(raw, qt | X16, K);
+    TORCH_CHECK(raw.is_contiguous(), "raw must be contiguous");
+    const PackFn fn = pack_fn(qt);
+    uint8_t *rp = raw.data_ptr<uint8_t>();
+    at::parallel_for(0, raw.size(0) / X16_ROWS, 1,
+                     [&](int64_t g0, int64_t g1) { fn(rp, raw.size(1), K / 32, g0, g1); });
+}
+
+// rows idx of raw, as the GGUF file stores them (qt | X16: taken out of the interleaved groups)
+at::Tensor ggml_rows(const at::Tensor &raw_, int64_t qt, int64_t K, const at::Tensor &idx_) {
+    check_raw(raw_, qt, K);
+    const at::Tensor idx = idx_.to(at::kLong).contiguous().reshape({-1});
+    if (!(qt & X16)) return raw_.index_select(0, idx);
+    const at::Tensor raw = raw_.contiguous();
+    const int64_t N = raw.size(0), rb = raw.size(1), L = idx.numel();
+    at::Tensor out = at::empty({L, rb}, raw.options());
+    const int64_t *ip = idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < L; i++) TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "row ", ip[i], " is out of range for ", N, " rows");
+    const UnpackFn un = unpack_fn(qt & ~X16);
+    const uint8_t *rp = raw.data_ptr<uint8_t>();
+    uint8_t *op = out.data_ptr<uint8_t>();
+    at::parallel_for(0, L, 8, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; i++) un(rp, rb, K / 32, ip[i], op + i * rb);
+    });
+    return out;
 }
 
 at::Tensor ggml_dequant(const at::Tensor &raw, int64_t qt, int64_t K, int64_t bf16, int64_t path) {
@@ -1160,6 +1397,8 @@ TORCH_LIBRARY_FRAGMENT(openautoglm, m) {
     m.def("ggml_gemv(Tensor x, Tensor raw, int qtype, int K, int path=-1) -> Tensor");
     m.def("ggml_dequant(Tensor raw, int qtype, int K, int bf16=0, int path=-1) -> Tensor");
     m.def("ggml_dequant_out(Tensor raw, int qtype, int K, Tensor(a!) out, int path=-1) -> ()");
+    m.def("ggml_interleave_(Tensor(a!) raw, int qtype, int K) -> ()");
+    m.def("ggml_rows(Tensor raw, int qtype, int K, Tensor idx) -> Tensor");
     m.def("ggml_gemv_path() -> int", []() { return gemv_path(); });
     m.def("ggml_dequant_path() -> int", []() { return dequant_path(); });
 }
@@ -1168,6 +1407,8 @@ TORCH_LIBRARY_IMPL(openautoglm, CPU, m) {
     m.impl("ggml_gemv", &ggml_gemv);
     m.impl("ggml_dequant", &ggml_dequant);
     m.impl("ggml_dequant_out", &ggml_dequant_out);
+    m.impl("ggml_interleave_", &ggml_interleave_);
+    m.impl("ggml_rows", &ggml_rows);
 }
 
 namespace {
@@ -1180,6 +1421,11 @@ extern "C" {
 AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_ggml_gemv(AtenTensorHandle x, AtenTensorHandle raw, int64_t qtype,
                                                           int64_t K, int64_t path, AtenTensorHandle *ret0) {
     AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = new_tensor_handle(ggml_gemv(T(x), T(raw), qtype, K, path)); });
+}
+
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_ggml_rows(AtenTensorHandle raw, int64_t qtype, int64_t K,
+                                                          AtenTensorHandle idx, AtenTensorHandle *ret0) {
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = new_tensor_handle(ggml_rows(T(raw), qtype, K, T(idx))); });
 }
 
 AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_ggml_dequant(AtenTensorHandle raw, int64_t qtype, int64_t K,

@@ -175,29 +175,45 @@ class GGMLLinear(_QuantLinear):
     (``ggml_dequant``, bit for bit gguf-py's values) into a bf16 GEMM where the CPU multiplies bf16 natively, an
     fp32 one elsewhere. The reference path dequantizes with ``formats.gguf_quants`` (torch, no native code)."""
 
-    def __init__(self, raw: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None):
+    def __init__(self, raw: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None,
+                 interleaved: bool = False, owned: bool = False):
+        """``raw`` as the GGUF file stores it, or already ``interleaved``. Where the decode GEMV computes on the
+        16-row interleaved layout (``kernels.interleaves``), stored rows are rearranged into it: in place when
+        ``raw`` is ``owned`` (the loader's own buffer: no second copy of the weights at any time), else a copy."""
         super().__init__()
+        from .. import kernels
         from ..host import native_bf16
-        from ..kernels import GGML_TYPES
         from .config import GGMLConfig
 
-        if qtype not in GGML_TYPES:
-            raise ValueError(f"no kernel computes on {qtype}; kernels: {', '.join(GGML_TYPES)}")
+        if qtype not in kernels.GGML_TYPES:
+            raise ValueError(f"no kernel computes on {qtype}; kernels: {', '.join(kernels.GGML_TYPES)}")
         self.config = GGMLConfig(qtype)
-        self.qtype, self.type_id = qtype, GGML_TYPES[qtype]
         self.out_features, self.in_features = raw.shape[0], in_features
-        self.register_buffer("raw", raw.contiguous())
+        raw = raw.contiguous()
+        if not interleaved and kernels.interleaves(qtype, raw.shape[0]):
+            raw, interleaved = kernels.ggml_interleave(raw, qtype, in_features, inplace=owned), True
+        self.qtype, self.interleaved, self.type_id = qtype, interleaved, kernels.ggml_type_id(qtype, interleaved)
+        self.register_buffer("raw", raw)
         self.bias = _bias(bias)
         self.bf16_gemm = native_bf16()
+
+    def stored_rows(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``idx`` (all by default) of the blocks as the GGUF file stores them, whatever the layout held."""
+        if not self.interleaved:
+            return self.raw if idx is None else self.raw[idx]
+        from ..kernels import ggml_rows
+
+        return ggml_rows(self.raw, self.qtype, self.in_features, idx, interleaved=True)
 
     def dequantized(self) -> torch.Tensor:
         from ..formats.gguf_quants import dequantize
 
-        return dequantize(self.raw, self.qtype, (self.out_features, self.in_features))
+        return dequantize(self.stored_rows(), self.qtype, (self.out_features, self.in_features))
 
     def dequantize_rows(self, idx: torch.Tensor) -> torch.Tensor:
         flat = idx.reshape(-1)
-        w = torch.ops.openautoglm.ggml_dequant(self.raw[flat], self.type_id, self.in_features, 0)
+        rows = torch.ops.openautoglm.ggml_rows(self.raw, self.type_id, self.in_features, flat)
+        w = torch.ops.openautoglm.ggml_dequant(rows, self.type_id & 255, self.in_features, 0)
         return w.reshape(*idx.shape, self.in_features)
 
     def forward(self, x):
@@ -296,7 +312,11 @@ def cat_rows(mods: list[nn.Module]) -> nn.Module | None:
     if t is GGMLLinear:  # rows are whole blocks: the stored rows concatenate as they are
         if any(m.in_features != mods[0].in_features for m in mods):
             return None
-        return GGMLLinear(torch.cat([m.raw for m in mods], 0), mods[0].qtype, mods[0].in_features, bias)
+        if any(m.interleaved != mods[0].interleaved for m in mods):
+            return None
+        # interleaved groups of 16 rows concatenate as whole groups too
+        return GGMLLinear(torch.cat([m.raw for m in mods], 0), mods[0].qtype, mods[0].in_features, bias,
+                          interleaved=mods[0].interleaved, owned=True)
     cat = {k: torch.cat([getattr(m, k) for m in mods], 0) for k in ("qweight", "scales", "zeros") if hasattr(mods[0], k)}
     if t is IntxLinear:  # packed rows concatenate as they are: no unpacking (no int32 transient)
         return IntxLinear.from_packed(cat["qweight"], cat["scales"], cat["zeros"], mods[0].bits,

@@ -304,11 +304,40 @@ def cmd_serve(a) -> int:
     sys.stderr.write(f"[openautoglm] serving {app.state.model_id} on http://{a.host}:{a.port}/v1 "
                      f"at {eng.compiled.level} (max batch {a.max_batch}, queue {a.max_queue}, KV cache "
                      f"{app.state.scheduler.runner.cache.nbytes / 2**20:.0f} MiB)\n")
-    server.run()
+    if not _serve_on_two_threads(app, server):
+        return 1  # the HTTP server did not start (uvicorn said why: the port taken, say)
     if app.state.fatal:  # exit non-zero so a supervisor restarts the process
         sys.stderr.write(f"openautoglm: error: the server stopped: {app.state.fatal}\n")
         return 1
     return 0
+
+
+def _serve_on_two_threads(app, server) -> bool:
+    """The scheduler on this (the main) thread, the one that loaded and compiled the model, and HTTP on a second
+    one (see serve/app.py: a second thread running torch's parallel work halves the decode speed on 2 cores).
+    SIGINT/SIGTERM reach this thread and ask the HTTP server to stop; its shutdown drains the scheduler."""
+    import signal
+    import threading
+
+    http_done = threading.Event()
+
+    def http():
+        try:
+            server.run()
+        finally:
+            http_done.set()
+
+    app.state.own_thread = False
+    before = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        th = threading.Thread(target=http, name="openautoglm-http", daemon=True)
+        th.start()
+        app.state.run_scheduler(http_done)
+        th.join()
+    finally:
+        for sig, h in before.items():
+            signal.signal(sig, h)
+    return server.started
 
 
 def cmd_quantize(a) -> int:

@@ -5,6 +5,7 @@ concurrent == sequential), and the server still answering correctly afterwards."
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -188,7 +189,8 @@ def test_repeated_crashes_stop_the_server(tiny_engine, monkeypatch, broken):
 def test_cli_serve_exits_nonzero_after_repeated_crashes(tiny_engine_dir, monkeypatch, capsys):
     from openautoglm import cli
 
-    monkeypatch.setattr(scheduler_mod.Scheduler, "step", lambda self: 1 / 0)
+    stepped_on = []
+    monkeypatch.setattr(scheduler_mod.Scheduler, "step", lambda self: stepped_on.append(threading.current_thread()) or 1 / 0)
     port = free_port()
     answers = []
 
@@ -209,6 +211,21 @@ def test_cli_serve_exits_nonzero_after_repeated_crashes(tiny_engine_dir, monkeyp
     err = capsys.readouterr().err
     assert "the server stopped" in err and "Traceback" not in err
     assert answers and answers[0] in (500, 503)
+    # the scheduler stepped on the main thread (the one that loaded the model; HTTP ran on another), and the
+    # signal handlers the server installed there are gone again
+    assert stepped_on and all(t is threading.main_thread() for t in stepped_on)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_cli_serve_on_a_taken_port_exits_nonzero(tiny_engine_dir):
+    from openautoglm import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        rc = cli.main(["serve", "--model", str(tiny_engine_dir), "--port", str(taken.getsockname()[1]),
+                       "--max-len", "512", "-q", "--access-log", "off"])
+    assert rc == 1
 
 
 @pytest.mark.slow  # a server process

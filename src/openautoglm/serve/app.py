@@ -5,9 +5,12 @@ the planned cache (``openautoglm serve`` compiles for ``--max-batch`` rows of ``
 auto`` (the default) a server that starts at O1 while O3 builds in the background moves to O3 at the first
 moment it is idle after the build is done.
 
-This module imports fastapi at import time; only ``openautoglm serve`` imports it. The scheduler runs on its
-own thread; each request gets an asyncio queue that the scheduler feeds through
-``loop.call_soon_threadsafe``. A client that disconnects is cancelled, and its cache row is freed at the
+This module imports fastapi at import time; only ``openautoglm serve`` imports it. The scheduler runs on a
+thread of its own that the app's lifespan starts, or on the caller's (``app.state.run_scheduler``:
+``openautoglm serve`` runs it on the main thread, the thread that loaded the model, and HTTP on another: torch's
+OpenMP keeps a thread pool per thread that runs parallel work, and with two pools alive on 2 cores libgomp stops
+its workers spinning between parallel regions, which doubled the one-stream decode step); each request gets an
+asyncio queue that the scheduler feeds through ``loop.call_soon_threadsafe``. A client that disconnects is cancelled, and its cache row is freed at the
 scheduler's next step.
 
 Faults: a request the scheduler fails answers 500 (or ends its stream with ``finish_reason: "error"``); the
@@ -226,6 +229,16 @@ def _switch_when_built(engine):
     return hook
 
 
+class _either:
+    """A stop flag that is set when either of two events is (what ``Scheduler.run`` polls)."""
+
+    def __init__(self, a: threading.Event, b: threading.Event):
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+
 def create_app(engine, settings: ServeSettings | None = None):
     st = settings or ServeSettings()
     metrics = Metrics()
@@ -242,8 +255,14 @@ def create_app(engine, settings: ServeSettings | None = None):
     stop_flag = threading.Event()
     thread: list[threading.Thread] = []
 
-    def run_scheduler():
-        sched.run(stop_flag)
+    def run_scheduler(stop: threading.Event | None = None):
+        """Step until the app shuts down (or ``stop`` is set); on the caller's thread when it is not the
+        lifespan's own."""
+        if threading.current_thread() is not (thread[0] if thread else None):
+            thread.append(threading.current_thread())
+            app.state.own_thread = False
+        halt = stop_flag if stop is None else _either(stop_flag, stop)
+        sched.run(halt)
         if sched.fatal is not None:
             app.state.fatal = sched.fatal
             if app.state.on_fatal is not None:
@@ -259,20 +278,25 @@ def create_app(engine, settings: ServeSettings | None = None):
 
     @asynccontextmanager
     async def lifespan(app):
-        th = threading.Thread(target=run_scheduler, name="openautoglm-scheduler", daemon=True)
-        thread.append(th)
-        th.start()
+        th = None
+        if app.state.own_thread:
+            th = threading.Thread(target=run_scheduler, name="openautoglm-scheduler", daemon=True)
+            thread.append(th)
+            th.start()
         yield
         await asyncio.get_running_loop().run_in_executor(None, sched.shutdown, st.drain_timeout)
         deadline = time.monotonic() + 5
         while not sched.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         stop_flag.set()
-        th.join(timeout=5)
+        if th is not None:
+            th.join(timeout=5)
 
     app = FastAPI(title="openautoglm", lifespan=lifespan)
     app.state.scheduler, app.state.metrics, app.state.model_id = sched, metrics, model_id
     app.state.fatal, app.state.on_fatal = None, None  # on_fatal: set by whoever runs the server (stop it)
+    # the lifespan starts the scheduler's thread unless the caller runs app.state.run_scheduler itself
+    app.state.own_thread, app.state.run_scheduler = True, run_scheduler
     app.add_middleware(_Guard, st=st, metrics=metrics)
 
     @app.exception_handler(APIError)

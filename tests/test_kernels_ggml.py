@@ -181,3 +181,23 @@ def test_layer_holds_the_interleaved_layout_where_the_gemv_computes_on_it():
     assert fused.interleaved == layer.interleaved and torch.equal(fused.stored_rows(), torch.cat([keep, other]))
     assert not GGMLLinear(random_rows("Q5_0", 40, 256), "Q5_0", 256, None).interleaved  # not whole groups
     assert not GGMLLinear(random_rows("Q4_K", 64, 256), "Q4_K", 256, None).interleaved  # no such layout
+
+
+@pytest.mark.skipif(kernels.ggml_gemv_path() != "avx512vnni", reason="the interleaved layout needs AVX-512 VNNI")
+def test_prefill_block_gemm_is_the_decode_gemv_row_by_row():
+    """O3's ``gemm-a8`` prefill choice for an interleaved layer: the block GEMV over a prefill's rows gives each
+    row what decode's GEMV gives it alone (bit for bit), within the autotuner's quality budget of the fp32
+    dequantize-then-matmul reference."""
+    from openautoglm.compiler.autotune import QUALITY_BUDGET
+    from openautoglm.compiler.impls import implementations, reference
+    from openautoglm.quant.modules import GEMV_MAX_ROWS, GGMLLinear
+
+    layer = GGMLLinear(random_rows("Q5_0", 64, 512, seed=9), "Q5_0", 512, torch.randn(64))
+    make, extra = implementations(layer)["gemm-a8"]
+    gemm = make(layer)
+    x = torch.randn(2, GEMV_MAX_ROWS + 21, 512, generator=torch.Generator().manual_seed(10))
+    y = gemm(x)
+    assert y.shape == (2, GEMV_MAX_ROWS + 21, 64) and extra == 0
+    assert torch.equal(y, torch.stack([torch.cat([layer(x[b, i:i + 1]) for i in range(x.shape[1])]) for b in range(2)]))
+    ref = reference(layer, x)
+    assert float((y - ref).norm() / ref.norm()) <= QUALITY_BUDGET

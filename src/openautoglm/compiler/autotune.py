@@ -20,7 +20,9 @@ either count is least:
   calls through their C entry points (``kernels.c_shims``);
 - ``gemv-a8``: for int4 layers at decode, the same with int8 activations per block of 8 and VNNI dot products
   (AVX512-VNNI, or AVX2's vpmaddubsw), as llama.cpp's Q4 x Q8 (blocks of 32 there). Int4 layers that never run
-  their native kernel (``gemv``/``gemv-a8`` at decode, ``bf16-dq``/``f32-dq`` at prefill) build no CPU pack at all.
+  their native kernel (``gemv``/``gemv-a8`` at decode, ``bf16-dq``/``f32-dq`` at prefill) build no CPU pack at all;
+- ``gemm-a8``: for GGML layers held in the 16-row interleaved layout, their block GEMV at prefill's row counts
+  too (an int8 GEMM on the blocks as stored, llama.cpp's arithmetic), against their dequantizing bf16 GEMM.
 
 Attention is tuned the same way (``tune_attention``): SDPA against our ``decode_attention`` operator for decode's
 one query position a row (each kv head's K and V read once for its query heads, only the slots the mask allows,
@@ -58,7 +60,7 @@ QUALITY_BUDGET = 1e-2
 COPY_MIN_GAIN = 0.25
 DECODE_ONLY = ("gemv", "gemv-a8")
 # dequantize the whole matrix per call (ctypes, not traceable into the compiled decode step): prefill only
-PREFILL_ONLY = ("bf16-dq", "f32-dq")
+PREFILL_ONLY = ("bf16-dq", "f32-dq", "gemm-a8")
 FEWER_THREADS_GAIN = 0.1
 
 

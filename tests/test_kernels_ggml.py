@@ -96,7 +96,7 @@ def test_interleaved_layout_holds_the_stored_bytes_and_computes_what_they_do(qty
     """The 16-row interleaved layout (the AVX-512 VNNI GEMV's): the stored rows come back out of it byte for byte,
     its dequantization is gguf-py's bit for bit, and its GEMV is the exact product within the stated rounding,
     a batch bit for bit its rows one by one (tiles of 16, 8, 4, 2 and 1 rows)."""
-    N, K = 48, 544  # 3 groups of 16 rows; 17 blocks
+    N, K = 48, 768 if qtype.endswith("_K") else 544  # 3 groups of 16 rows; 3 or 17 blocks
     raw = random_rows(qtype, N, K, seed=5)
     xr = kernels.ggml_interleave(raw, qtype, K)
     assert not torch.equal(xr, raw) and xr.shape == raw.shape
@@ -113,7 +113,7 @@ def test_interleaved_layout_holds_the_stored_bytes_and_computes_what_they_do(qty
         return
     x = torch.randn(31, K, generator=torch.Generator().manual_seed(6))
     x[:, 9] *= 30
-    q, d = quantize_x(x, 32)
+    q, d = quantize_x(x, 256 if qtype.endswith("_K") else 32)
     exact = (q.double() * d.double()) @ ref.double().T
     scale = (q.double().abs() * d.double()) @ ref.double().abs().T
     y = kernels.ggml_gemv(x, xr, qtype, K, interleaved=True)
@@ -180,7 +180,7 @@ def test_layer_holds_the_interleaved_layout_where_the_gemv_computes_on_it():
     fused = cat_rows([GGMLLinear(keep, "Q5_0", 256, None), GGMLLinear(other, "Q5_0", 256, None)])
     assert fused.interleaved == layer.interleaved and torch.equal(fused.stored_rows(), torch.cat([keep, other]))
     assert not GGMLLinear(random_rows("Q5_0", 40, 256), "Q5_0", 256, None).interleaved  # not whole groups
-    assert not GGMLLinear(random_rows("Q4_K", 64, 256), "Q4_K", 256, None).interleaved  # no such layout
+    assert not GGMLLinear(random_rows("Q5_K", 64, 256), "Q5_K", 256, None).interleaved  # no such layout
 
 
 @pytest.mark.skipif(kernels.ggml_gemv_path() != "avx512vnni", reason="the interleaved layout needs AVX-512 VNNI")

@@ -303,8 +303,8 @@ def ggml_dequant_path() -> str:
     return ("scalar", "avx2", "avx512")[torch.ops.openautoglm.ggml_dequant_path()]
 
 
-#: the 32-block types that have the 16-row interleaved layout (``ggml_interleave``); a type id | ``X16`` names it
-X16_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+#: the block types that have the 16-row interleaved layout (``ggml_interleave``); a type id | ``X16`` names it
+X16_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 X16, X16_ROWS = 256, 16
 
 

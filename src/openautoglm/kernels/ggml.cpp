@@ -323,8 +323,71 @@ template <int64_t T> constexpr int x_qh() { return raw_m<T>() >= 0 ? 64 : 32; }
 template <int64_t T> constexpr int x_codes() { return x_qh<T>() + (raw_qh<T>() >= 0 ? 64 : 0); }
 template <int64_t T> constexpr int code_vectors() { return T == Q8_0 ? 8 : 4; }
 
+// The K-quants' group block. Q4_K (16 x 144 bytes): [d: 16 fp16] [dmin: 16 fp16] [scales: 12 planes of 16
+// bytes, plane p holding each row's packed scale byte p] [codes: 32 vectors; vector 8j + i holds row r's quant
+// bytes 32j + 4i .. +3, so its low nibbles are sub-block 2j's weights 4i.., its high nibbles sub-block 2j + 1's].
+// Q6_K (16 x 210 bytes): [d: 16 fp16] [scales: 16 planes, plane p each row's int8 scale of weights 16p..16p+15]
+// [low nibbles: 32 vectors; vector v holds weight group v (weights 4v..4v+3) in its low nibbles, group v + 32 in
+// its high] [fifth and sixth bits: 16 vectors; vector u holds groups u, u + 16, u + 32, u + 48 in bit pairs 0-1,
+// 2-3, 4-5, 6-7]. The 6-bit codes are the stored ones (decoded from ql/qh and encoded back: a bijection).
+inline int q6_code(const uint8_t *blk, int w) {  // weight w's stored 6-bit code (0..63) of a Q6_K block
+    const int h = w / 128, u = (w % 128) / 32, l = w % 32;
+    const uint8_t ql = blk[64 * h + l + 32 * (u & 1)], qh = blk[128 + 32 * h + l];
+    return ((u < 2 ? ql : ql >> 4) & 15) | (((qh >> (2 * u)) & 3) << 4);
+}
+
+inline void q6_set_code(uint8_t *blk, int w, int q) {
+    const int h = w / 128, u = (w % 128) / 32, l = w % 32;
+    uint8_t &ql = blk[64 * h + l + 32 * (u & 1)], &qh = blk[128 + 32 * h + l];
+    ql = u < 2 ? (uint8_t)((ql & 0xF0) | (q & 15)) : (uint8_t)((ql & 0x0F) | ((q & 15) << 4));
+    qh = (uint8_t)((qh & ~(3 << (2 * u))) | (((q >> 4) & 3) << (2 * u)));
+}
+
+template <int64_t T>
+void x16_pack_kblock(const uint8_t *const src[X16_ROWS], uint8_t *dst) {
+    if constexpr (T == Q4_K) {
+        for (int r = 0; r < X16_ROWS; r++) {
+            std::memcpy(dst + 2 * r, src[r], 2);
+            std::memcpy(dst + 32 + 2 * r, src[r] + 2, 2);
+            for (int p = 0; p < 12; p++) dst[64 + 16 * p + r] = src[r][4 + p];
+            for (int v = 0; v < 32; v++) std::memcpy(dst + 256 + 64 * v + 4 * r, src[r] + 16 + 4 * v, 4);
+        }
+    } else {  // Q6_K
+        for (int r = 0; r < X16_ROWS; r++) {
+            std::memcpy(dst + 2 * r, src[r] + 208, 2);
+            for (int p = 0; p < 16; p++) dst[32 + 16 * p + r] = src[r][192 + p];
+            for (int g = 0; g < 64; g++)
+                for (int i = 0; i < 4; i++) {
+                    const int q = q6_code(src[r], 4 * g + i);
+                    uint8_t &lo = dst[288 + 64 * (g % 32) + 4 * r + i], &hi = dst[2336 + 64 * (g % 16) + 4 * r + i];
+                    lo = g < 32 ? (uint8_t)((lo & 0xF0) | (q & 15)) : (uint8_t)((lo & 0x0F) | ((q & 15) << 4));
+                    hi = (uint8_t)((hi & ~(3 << (2 * (g / 16)))) | ((q >> 4) << (2 * (g / 16))));
+                }
+        }
+    }
+}
+
+template <int64_t T>
+void x16_unpack_kblock(const uint8_t *g, int r, uint8_t *blk) {
+    if constexpr (T == Q4_K) {
+        std::memcpy(blk, g + 2 * r, 2);
+        std::memcpy(blk + 2, g + 32 + 2 * r, 2);
+        for (int p = 0; p < 12; p++) blk[4 + p] = g[64 + 16 * p + r];
+        for (int v = 0; v < 32; v++) std::memcpy(blk + 16 + 4 * v, g + 256 + 64 * v + 4 * r, 4);
+    } else {  // Q6_K
+        std::memcpy(blk + 208, g + 2 * r, 2);
+        for (int p = 0; p < 16; p++) blk[192 + p] = g[32 + 16 * p + r];
+        for (int k = 0; k < 256; k++) {
+            const int grp = k / 4, i = k % 4;
+            const uint8_t lo = g[288 + 64 * (grp % 32) + 4 * r + i], hi = g[2336 + 64 * (grp % 16) + 4 * r + i];
+            q6_set_code(blk, k, ((grp < 32 ? lo : lo >> 4) & 15) | (((hi >> (2 * (grp / 16))) & 3) << 4));
+        }
+    }
+}
+
 template <int64_t T>
 void x16_pack_block(const uint8_t *const src[X16_ROWS], uint8_t *dst) {
+    if constexpr (T == Q4_K || T == Q6_K) return x16_pack_kblock<T>(src, dst);
     for (int r = 0; r < X16_ROWS; r++) {
         std::memcpy(dst + 2 * r, src[r], 2);
         if constexpr (raw_m<T>() >= 0) std::memcpy(dst + 32 + 2 * r, src[r] + raw_m<T>(), 2);
@@ -341,6 +404,7 @@ void x16_pack_block(const uint8_t *const src[X16_ROWS], uint8_t *dst) {
 
 template <int64_t T>
 void x16_unpack_block(const uint8_t *g, int r, uint8_t *blk) {
+    if constexpr (T == Q4_K || T == Q6_K) return x16_unpack_kblock<T>(g, r, blk);
     std::memcpy(blk, g + 2 * r, 2);
     if constexpr (raw_m<T>() >= 0) std::memcpy(blk + raw_m<T>(), g + 32 + 2 * r, 2);
     for (int v = 0; v < code_vectors<T>(); v++) std::memcpy(blk + raw_qs<T>() + 4 * v, g + x_codes<T>() + 64 * v + 4 * r, 4);
@@ -1050,6 +1114,114 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) vo
         if (g.M - m >= 1) rows_x16_tile<T, 1>(g, n, m);
     }
 }
+
+// The K-quants on the interleaved layout, MT (<= 8) activation rows a tile. Per (activation row, 16 weight rows)
+// and block, every sub-block's integer dot is exact and takes its integer scale in int32 (vpmulld), so a block's
+// sum is exact too, then one float step: acc += float(sum) * (D * d_x). Q4_K's mins: the exact integer
+// sum(m_s * bsum_s) times -(Dmin * d_x); Q6_K's -32 starts each 16-weight dot (-32 * bsum16, as the 32-blocks'
+// zero point). The same operations in the same order whatever MT is: a batch is bit for bit its rows.
+template <int64_t T, int MT>
+OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
+    constexpr int64_t gb = X16_ROWS * layout(T).bytes;
+    const int64_t nb = g.K / 256;
+    const uint8_t *grp = g.raw + n * g.rb;
+    const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
+    __m512 acc[MT];
+    for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gk = grp + b * gb;
+        for (int64_t l = 0; l < gb; l += 64) _mm_prefetch(reinterpret_cast<const char *>(gk + PF_AHEAD + l), _MM_HINT_T0);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(gk)));
+        __m512i tot[MT];
+        for (int t = 0; t < MT; t++) tot[t] = _mm512_setzero_si512();
+        if constexpr (T == Q4_K) {
+            // the 6-bit scales and mins of the 16 rows, from the 12 byte planes (llama.cpp's get_scale_min_k4)
+            __m128i P[12];
+            for (int p = 0; p < 12; p++) P[p] = _mm_loadu_si128(reinterpret_cast<const __m128i *>(gk + 64 + 16 * p));
+            const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
+            auto top2 = [&](__m128i v) { return _mm_and_si128(_mm_srli_epi16(v, 6), m3); };
+            alignas(64) int32_t mins[8][16];
+            for (int sb = 0; sb < 8; sb++) {
+                __m128i sc8, mn8;
+                if (sb < 4) {
+                    sc8 = _mm_and_si128(P[sb], m63);
+                    mn8 = _mm_and_si128(P[sb + 4], m63);
+                } else {
+                    sc8 = _mm_or_si128(_mm_and_si128(P[sb + 4], m15), _mm_slli_epi16(top2(P[sb - 4]), 4));
+                    mn8 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(P[sb + 4], 4), m15), _mm_slli_epi16(top2(P[sb]), 4));
+                }
+                _mm512_store_si512(mins[sb], _mm512_cvtepu8_epi32(mn8));
+                const __m512i sc = _mm512_cvtepu8_epi32(sc8);
+                const int j = sb / 2;
+                __m512i c[8];
+                for (int i = 0; i < 8; i++) {
+                    const __m512i w = _mm512_loadu_si512(gk + 256 + 64 * (8 * j + i));
+                    c[i] = _mm512_and_si512(sb & 1 ? _mm512_srli_epi16(w, 4) : w, m4);
+                }
+#pragma GCC unroll 8
+                for (int t = 0; t < MT; t++) {
+                    const uint8_t *xq = reinterpret_cast<const uint8_t *>(g.a->q.data() + (m0 + t) * g.K + b * 256 + 32 * sb);
+                    __m512i p = _mm512_setzero_si512();
+#pragma GCC unroll 8
+                    for (int i = 0; i < 8; i++) p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(xq + 4 * i)));
+                    tot[t] = _mm512_add_epi32(tot[t], _mm512_mullo_epi32(p, sc));
+                }
+            }
+            const __m512 dmw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(gk + 32)));
+            for (int t = 0; t < MT; t++) {
+                const int64_t mi = m0 + t;
+                const int16_t *x32 = g.a->s32.data() + mi * (g.K / 32) + b * 8;
+                __m512i mt = _mm512_setzero_si512();
+                for (int sb = 0; sb < 8; sb++)
+                    mt = _mm512_add_epi32(mt, _mm512_mullo_epi32(_mm512_load_si512(mins[sb]), _mm512_set1_epi32(x32[sb])));
+                const __m512 dx = _mm512_set1_ps(g.a->d[mi * nb + b]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(dw, dx), acc[t]);
+                acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mt), _mm512_mul_ps(dmw, dx), acc[t]);
+            }
+        } else {  // Q6_K: 16 sub-blocks of 16 weights (4 weight groups each)
+            for (int sb = 0; sb < 16; sb++) {
+                const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(gk + 32 + 16 * sb)));
+                __m512i c[4];
+                for (int i = 0; i < 4; i++) {
+                    const int grp4 = 4 * sb + i;  // weight group: weights 4 * grp4 .. + 3
+                    const __m512i lo = _mm512_loadu_si512(gk + 288 + 64 * (grp4 % 32));
+                    const __m512i hi = _mm512_loadu_si512(gk + 2336 + 64 * (grp4 % 16));
+                    const int hs = grp4 / 16;  // the bit pair's place: 2 hs .. 2 hs + 1, moved to bits 4-5
+                    const __m512i h = hs == 0 ? _mm512_slli_epi16(hi, 4) : hs == 1 ? _mm512_slli_epi16(hi, 2)
+                                    : hs == 2 ? hi : _mm512_srli_epi16(hi, 2);
+                    c[i] = _mm512_or_si512(_mm512_and_si512(grp4 < 32 ? lo : _mm512_srli_epi16(lo, 4), m4),
+                                           _mm512_and_si512(h, m30));
+                }
+#pragma GCC unroll 8
+                for (int t = 0; t < MT; t++) {
+                    const int64_t mi = m0 + t;
+                    const uint8_t *xq = reinterpret_cast<const uint8_t *>(g.a->q.data() + mi * g.K + b * 256 + 16 * sb);
+                    __m512i p = _mm512_set1_epi32(-32 * g.a->s16[mi * (g.K / 16) + b * 16 + sb]);
+#pragma GCC unroll 4
+                    for (int i = 0; i < 4; i++) p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(xq + 4 * i)));
+                    tot[t] = _mm512_add_epi32(tot[t], _mm512_mullo_epi32(p, sc));
+                }
+            }
+            for (int t = 0; t < MT; t++) {
+                const __m512 dx = _mm512_set1_ps(g.a->d[(m0 + t) * nb + b]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(dw, dx), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < MT; t++) _mm512_storeu_ps(g.y + (m0 + t) * g.N + n, acc[t]);
+}
+
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) void rows_x16k(const Args &g, int64_t n0,
+                                                                                             int64_t n1) {
+    for (int64_t n = n0; n < n1; n += X16_ROWS) {
+        int64_t m = 0;
+        for (; m + 8 <= g.M; m += 8) rows_x16k_tile<T, 8>(g, n, m);
+        if (g.M - m >= 4) rows_x16k_tile<T, 4>(g, n, m), m += 4;
+        if (g.M - m >= 2) rows_x16k_tile<T, 2>(g, n, m), m += 2;
+        if (g.M - m >= 1) rows_x16k_tile<T, 1>(g, n, m);
+    }
+}
 #endif
 
 bool has(const char *f) {
@@ -1108,6 +1280,8 @@ RowsFn rows_x16_fn(int64_t qt) {
         case Q5_0: return &rows_x16<Q5_0>;
         case Q5_1: return &rows_x16<Q5_1>;
         case Q8_0: return &rows_x16<Q8_0>;
+        case Q4_K: return &rows_x16k<Q4_K>;
+        case Q6_K: return &rows_x16k<Q6_K>;
     }
 #endif
     (void)qt;
@@ -1118,29 +1292,29 @@ RowsFn rows_x16_fn(int64_t qt) {
 using PackFn = void (*)(uint8_t *, int64_t, int64_t, int64_t, int64_t);
 using UnpackFn = void (*)(const uint8_t *, int64_t, int64_t, int64_t, uint8_t *);
 
-template <typename F>
-F x16_fn(int64_t qt, F q40, F q41, F q50, F q51, F q80) {
+template <template <int64_t> class F>
+auto x16_fn(int64_t qt) -> decltype(F<Q4_0>::fn) {
     switch (qt) {
-        case Q4_0: return q40;
-        case Q4_1: return q41;
-        case Q5_0: return q50;
-        case Q5_1: return q51;
-        case Q8_0: return q80;
+        case Q4_0: return F<Q4_0>::fn;
+        case Q4_1: return F<Q4_1>::fn;
+        case Q5_0: return F<Q5_0>::fn;
+        case Q5_1: return F<Q5_1>::fn;
+        case Q8_0: return F<Q8_0>::fn;
+        case Q4_K: return F<Q4_K>::fn;
+        case Q6_K: return F<Q6_K>::fn;
         default: return nullptr;
     }
 }
 
-PackFn pack_fn(int64_t qt) {
-    return x16_fn<PackFn>(qt, &x16_pack_groups<Q4_0>, &x16_pack_groups<Q4_1>, &x16_pack_groups<Q5_0>,
-                          &x16_pack_groups<Q5_1>, &x16_pack_groups<Q8_0>);
-}
+template <int64_t T> struct PackOf { static constexpr PackFn fn = &x16_pack_groups<T>; };
+template <int64_t T> struct UnpackOf { static constexpr UnpackFn fn = &x16_unpack_row<T>; };
 
-UnpackFn unpack_fn(int64_t qt) {
-    return x16_fn<UnpackFn>(qt, &x16_unpack_row<Q4_0>, &x16_unpack_row<Q4_1>, &x16_unpack_row<Q5_0>,
-                            &x16_unpack_row<Q5_1>, &x16_unpack_row<Q8_0>);
-}
+PackFn pack_fn(int64_t qt) { return x16_fn<PackOf>(qt); }
+UnpackFn unpack_fn(int64_t qt) { return x16_fn<UnpackOf>(qt); }
 
-constexpr bool x16_type(int64_t qt) { return qt == Q4_0 || qt == Q4_1 || qt == Q5_0 || qt == Q5_1 || qt == Q8_0; }
+constexpr bool x16_type(int64_t qt) {
+    return qt == Q4_0 || qt == Q4_1 || qt == Q5_0 || qt == Q5_1 || qt == Q8_0 || qt == Q4_K || qt == Q6_K;
+}
 
 void check_raw(const at::Tensor &raw, int64_t qt_, int64_t K) {
     const bool x16 = qt_ & X16;
@@ -1165,7 +1339,7 @@ at::Tensor ggml_gemv(const at::Tensor &x_, const at::Tensor &raw_, int64_t qt, i
     TORCH_CHECK(!(qt & X16) || use == 2, "ggml_gemv: the interleaved layout runs on the AVX-512 VNNI path only");
     const at::Tensor xf = x_.to(at::kFloat).contiguous(), raw = raw_.contiguous();
     const int64_t M = xf.size(0), N = raw.size(0);
-    const XQ a = quantize_x(xf.data_ptr<float>(), M, K, (qt == Q4_K || qt == Q5_K || qt == Q6_K) ? 256 : 32);
+    const XQ a = quantize_x(xf.data_ptr<float>(), M, K, layout(qt & ~X16).block == 256 ? 256 : 32);
     at::Tensor y = at::empty({M, N}, xf.options());
     const Args g{raw.data_ptr<uint8_t>(), raw.size(1), &a, M, N, K, y.data_ptr<float>()};
     if (qt & X16) {
@@ -1335,7 +1509,7 @@ void dequant_into(const at::Tensor &raw_, int64_t qt, int64_t K, at::Tensor &out
     const int64_t rb = raw.size(1);
     if (qt & X16) {  // a group's stored rows back in a buffer, then dequantized as the stored rows are
         const UnpackFn un = unpack_fn(qt & ~X16);
-        const int64_t nb = K / 32, es = bf ? 2 : 4;
+        const int64_t nb = K / layout(qt & ~X16).block, es = bf ? 2 : 4;
         at::parallel_for(0, N / X16_ROWS, GRAIN / X16_ROWS, [&](int64_t g0, int64_t g1) {
             std::vector<uint8_t> rows(X16_ROWS * rb);
             for (int64_t gi = g0; gi < g1; gi++) {
@@ -1357,7 +1531,7 @@ void ggml_interleave_(at::Tensor raw, int64_t qt, int64_t K) {
     const PackFn fn = pack_fn(qt);
     uint8_t *rp = raw.data_ptr<uint8_t>();
     at::parallel_for(0, raw.size(0) / X16_ROWS, 1,
-                     [&](int64_t g0, int64_t g1) { fn(rp, raw.size(1), K / 32, g0, g1); });
+                     [&](int64_t g0, int64_t g1) { fn(rp, raw.size(1), K / layout(qt).block, g0, g1); });
 }
 
 // rows idx of raw, as the GGUF file stores them (qt | X16: taken out of the interleaved groups)
@@ -1374,7 +1548,7 @@ at::Tensor ggml_rows(const at::Tensor &raw_, int64_t qt, int64_t K, const at::Te
     const uint8_t *rp = raw.data_ptr<uint8_t>();
     uint8_t *op = out.data_ptr<uint8_t>();
     at::parallel_for(0, L, 8, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; i++) un(rp, rb, K / 32, ip[i], op + i * rb);
+        for (int64_t i = i0; i < i1; i++) un(rp, rb, K / layout(qt & ~X16).block, ip[i], op + i * rb);
     });
     return out;
 }

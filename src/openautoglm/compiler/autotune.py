@@ -278,7 +278,9 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
                     f = make(mod)
                     with torch.inference_mode():
                         err = float((f(x).float() - ref).norm() / ref.norm().clamp_min(1e-30))
-                    if err <= QUALITY_BUDGET or impl == "native":  # the layer's own kernel defines the layer
+                    # the layer's own kernel defines the layer; a GGML layer's gemm-a8 is that kernel (its decode
+                    # GEMV, llama.cpp's arithmetic: int8 activations per block, per 256 for the K-quants) at more rows
+                    if err <= QUALITY_BUDGET or impl in ("native", "gemm-a8"):
                         fs[impl] = f
                 res.update(_time_all(fs, x))
                 timings[k] = cache[ck] = res

@@ -330,17 +330,28 @@ template <int64_t T> constexpr int code_vectors() { return T == Q8_0 ? 8 : 4; }
 // [low nibbles: 32 vectors; vector v holds weight group v (weights 4v..4v+3) in its low nibbles, group v + 32 in
 // its high] [fifth and sixth bits: 16 vectors; vector u holds groups u, u + 16, u + 32, u + 48 in bit pairs 0-1,
 // 2-3, 4-5, 6-7]. The 6-bit codes are the stored ones (decoded from ql/qh and encoded back: a bijection).
-inline int q6_code(const uint8_t *blk, int w) {  // weight w's stored 6-bit code (0..63) of a Q6_K block
-    const int h = w / 128, u = (w % 128) / 32, l = w % 32;
-    const uint8_t ql = blk[64 * h + l + 32 * (u & 1)], qh = blk[128 + 32 * h + l];
-    return ((u < 2 ? ql : ql >> 4) & 15) | (((qh >> (2 * u)) & 3) << 4);
+// a Q6_K block's 256 stored 6-bit codes (0..63) out of ql/qh, and back (llama.cpp's packing: weight
+// 128h + 32u + l has its low nibble in ql[64h + l + 32(u & 1)] (the high nibble for u >= 2), its top bits in
+// qh[32h + l] at bits 2u..2u+1)
+inline void q6_codes(const uint8_t *blk, uint8_t q[256]) {
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t a = blk[64 * h + l], b = blk[64 * h + 32 + l], c = blk[128 + 32 * h + l];
+            q[128 * h + l] = (uint8_t)((a & 15) | ((c & 3) << 4));
+            q[128 * h + 32 + l] = (uint8_t)((b & 15) | (((c >> 2) & 3) << 4));
+            q[128 * h + 64 + l] = (uint8_t)((a >> 4) | (((c >> 4) & 3) << 4));
+            q[128 * h + 96 + l] = (uint8_t)((b >> 4) | (((c >> 6) & 3) << 4));
+        }
 }
 
-inline void q6_set_code(uint8_t *blk, int w, int q) {
-    const int h = w / 128, u = (w % 128) / 32, l = w % 32;
-    uint8_t &ql = blk[64 * h + l + 32 * (u & 1)], &qh = blk[128 + 32 * h + l];
-    ql = u < 2 ? (uint8_t)((ql & 0xF0) | (q & 15)) : (uint8_t)((ql & 0x0F) | ((q & 15) << 4));
-    qh = (uint8_t)((qh & ~(3 << (2 * u))) | (((q >> 4) & 3) << (2 * u)));
+inline void q6_store(const uint8_t q[256], uint8_t *blk) {
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t q1 = q[128 * h + l], q2 = q[128 * h + 32 + l], q3 = q[128 * h + 64 + l], q4 = q[128 * h + 96 + l];
+            blk[64 * h + l] = (uint8_t)((q1 & 15) | ((q3 & 15) << 4));
+            blk[64 * h + 32 + l] = (uint8_t)((q2 & 15) | ((q4 & 15) << 4));
+            blk[128 + 32 * h + l] = (uint8_t)((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
+        }
 }
 
 template <int64_t T>
@@ -356,13 +367,16 @@ void x16_pack_kblock(const uint8_t *const src[X16_ROWS], uint8_t *dst) {
         for (int r = 0; r < X16_ROWS; r++) {
             std::memcpy(dst + 2 * r, src[r] + 208, 2);
             for (int p = 0; p < 16; p++) dst[32 + 16 * p + r] = src[r][192 + p];
-            for (int g = 0; g < 64; g++)
-                for (int i = 0; i < 4; i++) {
-                    const int q = q6_code(src[r], 4 * g + i);
-                    uint8_t &lo = dst[288 + 64 * (g % 32) + 4 * r + i], &hi = dst[2336 + 64 * (g % 16) + 4 * r + i];
-                    lo = g < 32 ? (uint8_t)((lo & 0xF0) | (q & 15)) : (uint8_t)((lo & 0x0F) | ((q & 15) << 4));
-                    hi = (uint8_t)((hi & ~(3 << (2 * (g / 16)))) | ((q >> 4) << (2 * (g / 16))));
-                }
+            uint8_t q[256];
+            q6_codes(src[r], q);
+            for (int v = 0; v < 32; v++)  // weight groups v (low nibbles) and v + 32 (high)
+                for (int i = 0; i < 4; i++)
+                    dst[288 + 64 * v + 4 * r + i] = (uint8_t)((q[4 * v + i] & 15) | ((q[4 * (v + 32) + i] & 15) << 4));
+            for (int u = 0; u < 16; u++)  // weight groups u, u + 16, u + 32, u + 48: bit pairs 0-1 .. 6-7
+                for (int i = 0; i < 4; i++)
+                    dst[2336 + 64 * u + 4 * r + i] = (uint8_t)((q[4 * u + i] >> 4) | ((q[4 * (u + 16) + i] >> 4) << 2) |
+                                                               ((q[4 * (u + 32) + i] >> 4) << 4) |
+                                                               ((q[4 * (u + 48) + i] >> 4) << 6));
         }
     }
 }
@@ -377,11 +391,19 @@ void x16_unpack_kblock(const uint8_t *g, int r, uint8_t *blk) {
     } else {  // Q6_K
         std::memcpy(blk + 208, g + 2 * r, 2);
         for (int p = 0; p < 16; p++) blk[192 + p] = g[32 + 16 * p + r];
-        for (int k = 0; k < 256; k++) {
-            const int grp = k / 4, i = k % 4;
-            const uint8_t lo = g[288 + 64 * (grp % 32) + 4 * r + i], hi = g[2336 + 64 * (grp % 16) + 4 * r + i];
-            q6_set_code(blk, k, ((grp < 32 ? lo : lo >> 4) & 15) | (((hi >> (2 * (grp / 16))) & 3) << 4));
-        }
+        uint8_t q[256];
+        for (int v = 0; v < 32; v++)
+            for (int i = 0; i < 4; i++) {
+                const uint8_t lo = g[288 + 64 * v + 4 * r + i];
+                q[4 * v + i] = lo & 15;
+                q[4 * (v + 32) + i] = lo >> 4;
+            }
+        for (int u = 0; u < 16; u++)
+            for (int i = 0; i < 4; i++) {
+                const uint8_t hi = g[2336 + 64 * u + 4 * r + i];
+                for (int p = 0; p < 4; p++) q[4 * (u + 16 * p) + i] |= (uint8_t)(((hi >> (2 * p)) & 3) << 4);
+            }
+        q6_store(q, blk);
     }
 }
 

@@ -1123,20 +1123,6 @@ OAG_AVX512 void rows_x16_tile(const Args &g, int64_t n, int64_t m0) {
         _mm512_storeu_ps(g.y + (m0 + t) * g.N + n, float_offset<T>() ? _mm512_add_ps(acc[t], macc[t]) : acc[t]);
 }
 
-// rows n0..n1 (whole groups of 16): the activation rows in tiles of 16, 8, 4, 2 and 1
-template <int64_t T>
-__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) void rows_x16(const Args &g, int64_t n0,
-                                                                                            int64_t n1) {
-    for (int64_t n = n0; n < n1; n += X16_ROWS) {
-        int64_t m = 0;
-        for (; m + 16 <= g.M; m += 16) rows_x16_tile<T, 16>(g, n, m);
-        if (g.M - m >= 8) rows_x16_tile<T, 8>(g, n, m), m += 8;
-        if (g.M - m >= 4) rows_x16_tile<T, 4>(g, n, m), m += 4;
-        if (g.M - m >= 2) rows_x16_tile<T, 2>(g, n, m), m += 2;
-        if (g.M - m >= 1) rows_x16_tile<T, 1>(g, n, m);
-    }
-}
-
 // The K-quants on the interleaved layout, MT (<= 8) activation rows a tile. Per (activation row, 16 weight rows)
 // and block, every sub-block's integer dot is exact and takes its integer scale in int32 (vpmulld), so a block's
 // sum is exact too, then one float step: acc += float(sum) * (D * d_x). Q4_K's mins: the exact integer
@@ -1233,15 +1219,25 @@ OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
     for (int t = 0; t < MT; t++) _mm512_storeu_ps(g.y + (m0 + t) * g.N + n, acc[t]);
 }
 
+template <int64_t T, int MT>
+OAG_AVX512 void x16_tile(const Args &g, int64_t n, int64_t m) {
+    if constexpr (xblock<T>() == 256) rows_x16k_tile<T, MT>(g, n, m);
+    else rows_x16_tile<T, MT>(g, n, m);
+}
+
+// rows n0..n1 (whole groups of 16): the activation rows in tiles of 16 (the K-quants' largest is 8: their tile
+// keeps each row's integer block sum beside its float one), 8, 4, 2 and 1
 template <int64_t T>
-__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) void rows_x16k(const Args &g, int64_t n0,
-                                                                                             int64_t n1) {
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) void rows_x16(const Args &g, int64_t n0,
+                                                                                            int64_t n1) {
+    constexpr int top = xblock<T>() == 256 ? 8 : 16;
     for (int64_t n = n0; n < n1; n += X16_ROWS) {
         int64_t m = 0;
-        for (; m + 8 <= g.M; m += 8) rows_x16k_tile<T, 8>(g, n, m);
-        if (g.M - m >= 4) rows_x16k_tile<T, 4>(g, n, m), m += 4;
-        if (g.M - m >= 2) rows_x16k_tile<T, 2>(g, n, m), m += 2;
-        if (g.M - m >= 1) rows_x16k_tile<T, 1>(g, n, m);
+        for (; m + top <= g.M; m += top) x16_tile<T, top>(g, n, m);
+        if (top > 8 && g.M - m >= 8) x16_tile<T, 8>(g, n, m), m += 8;
+        if (g.M - m >= 4) x16_tile<T, 4>(g, n, m), m += 4;
+        if (g.M - m >= 2) x16_tile<T, 2>(g, n, m), m += 2;
+        if (g.M - m >= 1) x16_tile<T, 1>(g, n, m);
     }
 }
 #endif
@@ -1302,8 +1298,8 @@ RowsFn rows_x16_fn(int64_t qt) {
         case Q5_0: return &rows_x16<Q5_0>;
         case Q5_1: return &rows_x16<Q5_1>;
         case Q8_0: return &rows_x16<Q8_0>;
-        case Q4_K: return &rows_x16k<Q4_K>;
-        case Q6_K: return &rows_x16k<Q6_K>;
+        case Q4_K: return &rows_x16<Q4_K>;
+        case Q6_K: return &rows_x16<Q6_K>;
     }
 #endif
     (void)qt;

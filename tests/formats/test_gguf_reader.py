@@ -88,9 +88,10 @@ def test_gguf_rope_freqs_tensor_gives_llama3_scaling(tmp_path):
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
 def test_gguf_native_q4_loads_as_int4_on_the_files_codes(tmp_path, hf_arch, gguf_arch, qtype):
     """Q4_0/Q4_1 tensors load as int4 layers (groups of 32) on the file's codes: their dequantized weights are
-    gguf-py's to within the bf16 rounding of the block scales, and the model's logits follow."""
+    gguf-py's to within the bf16 rounding of the block scales, and the model's logits follow. Where the GGML rows
+    interleave (AVX-512 VNNI, whole groups of 16 rows) they stay the file's blocks instead: gguf-py's bit for bit."""
     from openautoglm import kernels
-    from openautoglm.quant.modules import IntxLinear
+    from openautoglm.quant.modules import GGMLLinear, IntxLinear
 
     if not kernels.load_ops():
         pytest.skip("no C++ compiler: GGUF tensors load as float")
@@ -100,7 +101,13 @@ def test_gguf_native_q4_loads_as_int4_on_the_files_codes(tmp_path, hf_arch, gguf
     ref_model, _ = load_model(path, progress=False, gguf_weights="float")
     mods = dict(ours.named_modules())
     ints = {n: m for n, m in mods.items() if isinstance(m, IntxLinear)}
-    assert ints and all(m.bits == 4 and m.group_size == 32 for m in ints.values())
+    blocks = {n: m for n, m in mods.items() if isinstance(m, GGMLLinear) and m.qtype == qtype}
+    assert ints or blocks
+    assert all(m.bits == 4 and m.group_size == 32 for m in ints.values())
+    for name, m in blocks.items():
+        assert m.interleaved and kernels.interleaves(qtype, m.out_features), name
+        ref = ref_model.get_submodule(name.removesuffix(".table"))  # an untied embedding's table: its weight
+        assert torch.equal(m.dequantized(), ref.weight), name
     for name, m in ints.items():
         if name == "model.embed_tokens.table":
             continue

@@ -160,7 +160,7 @@ def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
     if T == 1 and B > 1 and mask is not None and not torch.compiler.is_compiling():
         # decode, eager: one call a row, so a row's output is bit for bit what it is alone (torch's SDPA blocks a
         # batch differently from one row: ~1e-9 apart, which int8-quantized activations downstream amplify into
-        # different greedy tokens; O3's decode attention operator is batch-invariant by itself)
+        # different greedy tokens). Compiled steps trace SDPA or O3's decode attention operator as they are.
         return torch.cat([attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1], scale) for i in range(B)])
     if mask is not None or T <= CAUSAL_CHUNK:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale,

@@ -124,6 +124,24 @@ def test_interleaved_layout_holds_the_stored_bytes_and_computes_what_they_do(qty
         kernels.ggml_gemv(x, xr[:40], qtype, K, interleaved=True)
 
 
+@pytest.mark.skipif(kernels.ggml_gemv_path() != "avx512vnni", reason="the interleaved GEMV runs on AVX-512 VNNI")
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K"])
+def test_interleaved_gemm_in_l2_chunks_of_rows_is_its_rows_one_by_one(qtype):
+    """A prefill's activation rows pass the weights in chunks sized to L2 (32 rows at K = 8960): a batch that
+    spans chunks and ends in a partial tile is still bit for bit its rows one by one, and the exact product."""
+    N, K, M = 32, 8960, 45
+    raw = random_rows(qtype, N, K, seed=7)
+    xr = kernels.ggml_interleave(raw, qtype, K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(8))
+    y = kernels.ggml_gemv(x, xr, qtype, K, interleaved=True)
+    assert torch.equal(torch.cat([kernels.ggml_gemv(x[i:i + 1], xr, qtype, K, interleaved=True) for i in range(M)]), y)
+    q, d = quantize_x(x, 256 if qtype.endswith("_K") else 32)
+    ref = gguf_py(raw, qtype).double()
+    exact = (q.double() * d.double()) @ ref.T
+    scale = (q.double().abs() * d.double()) @ ref.abs().T
+    assert bool(((y.double() - exact).abs() <= 1e-5 * scale + 1e-7).all())
+
+
 def test_gemv_and_dequant_reject_bad_input():
     raw = random_rows("Q8_0", 4, 64)
     with pytest.raises(RuntimeError, match="multiple of the block size"):

@@ -295,12 +295,25 @@ XQ quantize_x(const float *x, int64_t M, int64_t K, int64_t qb) {
     return a;
 }
 
+// The activations of the interleaved kernels, block-major: every activation row's chunk c (activations 32c..32c+31)
+// side by side, so a tile of rows reads one block from one place with constant offsets (llama.cpp's repacked
+// q8_0x4 for the same reason: a row pointer each does not fit the registers), and each block's integer terms
+// precomputed in the form the kernel adds them.
+struct XT {
+    std::vector<int8_t> q;    // (K / 32, M, 32)
+    std::vector<float> d;     // (K / qb, M): one scale a block of qb activations
+    std::vector<int32_t> z;   // 32-blocks: (K / 32, M), -Z * sum q; Q6_K: (K / 16, M), -32 * sum q per 16
+    std::vector<float> fs;    // Q4_1/Q5_1: (K / 32, M), d * sum q
+    std::vector<int16_t> s2;  // Q4_K: (K / 256, M, 8), sum q per 32 (read in pairs: the mins' vpdpwssd)
+};
+
 struct Args {
     const uint8_t *raw;
     int64_t rb;  // bytes a row
     const XQ *a;
     int64_t M, N, K;
     float *y;  // (M, N) fp32
+    const XT *t = nullptr;  // the interleaved kernels' activations
 };
 
 constexpr int X16_ROWS = 16;
@@ -1072,18 +1085,60 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"))) void rows_v
     for (; n < n1; n++) rows_r_vnni<T, 1>(g, n);
 }
 
+// The interleaved kernels' activations (XT): quantize_x's values (the same blocks, scales and rounding), block-major
+template <int64_t T>
+__attribute__((target("avx2,fma,f16c"))) XT quantize_xt(const float *x, int64_t M, int64_t K) {
+    constexpr int64_t qb = xblock<T>();
+    constexpr int Z = zero_point<T>();
+    const int64_t nc = K / 32, nb = K / qb;
+    XT a;
+    a.q.resize(M * K);
+    a.d.resize(M * nb);
+    if constexpr (T == Q6_K) a.z.resize(M * K / 16);
+    else if constexpr (Z != 0) a.z.resize(M * nc);
+    if constexpr (float_offset<T>()) a.fs.resize(M * nc);
+    if constexpr (T == Q4_K) a.s2.resize(M * nc);
+    auto rows = [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++)
+            for (int64_t i = 0; i < nb; i++) {
+                const float *xb = x + m * K + i * qb;
+                const float amax = absmax_avx2(xb, qb);
+                const float id = amax > 0.0f ? 127.0f / amax : 0.0f, d = amax / 127.0f;
+                a.d[i * M + m] = d;
+                for (int64_t h = 0; h < qb / 32; h++) {
+                    const int64_t c = i * (qb / 32) + h;
+                    int32_t s[2];
+                    quantize32_avx2(xb + 32 * h, id, a.q.data() + (c * M + m) * 32, s);
+                    const int32_t sum = s[0] + s[1];
+                    if constexpr (T == Q6_K) {
+                        a.z[2 * c * M + m] = -32 * s[0];
+                        a.z[(2 * c + 1) * M + m] = -32 * s[1];
+                    } else if constexpr (Z != 0) {
+                        a.z[c * M + m] = -Z * sum;
+                    }
+                    if constexpr (float_offset<T>()) a.fs[c * M + m] = d * (float)sum;
+                    if constexpr (T == Q4_K) a.s2[(i * M + m) * 8 + h] = (int16_t)sum;
+                }
+            }
+    };
+    if (M * K < 65536) rows(0, M);
+    else at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), rows);
+    return a;
+}
+
 // The GEMV on the interleaved layout: MT activation rows, each 16 weight rows' block unpacked once for all of
 // them. Per (activation row, weight row) the block's integer dot starts from -Z * sum(q) and is exact, then
-// acc += float(dot) * (d_w * d_x), block after block: the same operations in the same order whatever MT is, so a
-// batch is bit for bit its rows one by one. Q4_1/Q5_1 add m * d_x * sum(q) in a second accumulator.
+// acc += float(dot) * (d_w * d_x) (Q4_1/Q5_1: then acc += m_w * (d_x * sum(q))), block after block: the same
+// operations in the same order whatever MT is, so a batch is bit for bit its rows one by one.
 template <int64_t T, int MT>
 OAG_AVX512 void rows_x16_tile(const Args &g, int64_t n, int64_t m0) {
     constexpr int64_t gb = X16_ROWS * layout(T).bytes;
     constexpr int Z = zero_point<T>();
-    const int64_t nb = g.K / 32;
+    const int64_t nb = g.K / 32, M = g.M;
+    const XT &x = *g.t;
     const uint8_t *grp = g.raw + n * g.rb;
-    __m512 acc[MT], macc[MT];
-    for (int t = 0; t < MT; t++) acc[t] = macc[t] = _mm512_setzero_ps();
+    __m512 acc[MT];
+    for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gk = grp + b * gb;
         for (int64_t l = 0; l < gb; l += 64) _mm_prefetch(reinterpret_cast<const char *>(gk + PF_AHEAD + l), _MM_HINT_T0);
@@ -1108,38 +1163,70 @@ OAG_AVX512 void rows_x16_tile(const Args &g, int64_t n, int64_t m0) {
         }
         __m512 mw;
         if constexpr (float_offset<T>()) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(gk + 32)));
+        const uint8_t *xq = reinterpret_cast<const uint8_t *>(x.q.data()) + (b * M + m0) * 32;
+        const float *xd = x.d.data() + b * M + m0;
 #pragma GCC unroll 16
         for (int t = 0; t < MT; t++) {
-            const int64_t mi = m0 + t;
-            const int8_t *xq = g.a->q.data() + mi * g.K + b * 32;
-            __m512i p = Z ? _mm512_set1_epi32(-Z * g.a->s32[mi * nb + b]) : _mm512_setzero_si512();
+            __m512i p = _mm512_setzero_si512();
+            if constexpr (Z != 0) p = _mm512_set1_epi32(x.z[b * M + m0 + t]);
 #pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) p = _mm512_dpbusd_epi32(p, c[j], _mm512_set1_epi32((int)u32(reinterpret_cast<const uint8_t *>(xq) + 4 * j)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, _mm512_set1_ps(g.a->d[mi * nb + b])), acc[t]);
-            if constexpr (float_offset<T>()) macc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(g.a->fs[mi * nb + b]), macc[t]);
+            for (int j = 0; j < 8; j++) p = _mm512_dpbusd_epi32(p, c[j], _mm512_set1_epi32((int)u32(xq + 32 * t + 4 * j)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, _mm512_set1_ps(xd[t])), acc[t]);
+            if constexpr (float_offset<T>()) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x.fs[b * M + m0 + t]), acc[t]);
         }
     }
-    for (int t = 0; t < MT; t++)
-        _mm512_storeu_ps(g.y + (m0 + t) * g.N + n, float_offset<T>() ? _mm512_add_ps(acc[t], macc[t]) : acc[t]);
+    for (int t = 0; t < MT; t++) _mm512_storeu_ps(g.y + (m0 + t) * g.N + n, acc[t]);
 }
 
-// The K-quants on the interleaved layout, MT (<= 8) activation rows a tile. Per (activation row, 16 weight rows)
-// and block, every sub-block's integer dot is exact and takes its integer scale in int32 (vpmulld), so a block's
-// sum is exact too, then one float step: acc += float(sum) * (D * d_x). Q4_K's mins: the exact integer
-// sum(m_s * bsum_s) times -(Dmin * d_x); Q6_K's -32 starts each 16-weight dot (-32 * bsum16, as the 32-blocks'
-// zero point). The same operations in the same order whatever MT is: a batch is bit for bit its rows.
+// Q6_K's weight group g (weights 4g .. 4g + 3) of 16 rows as unsigned 6-bit codes: its low nibbles from vector
+// g % 32 (the high nibbles past 32), its bit pair from vector g % 16 at bits 2h .. 2h + 1 (h = g / 16), moved to 4-5
+OAG_AVX512 __m512i q6k_group(const uint8_t *gk, int grp4) {
+    const __m512i lo = _mm512_loadu_si512(gk + 288 + 64 * (grp4 % 32));
+    const __m512i hi = _mm512_loadu_si512(gk + 2336 + 64 * (grp4 % 16));
+    const int hs = grp4 / 16;
+    const __m512i h = hs == 0 ? _mm512_slli_epi16(hi, 4) : hs == 1 ? _mm512_slli_epi16(hi, 2)
+                    : hs == 2 ? hi : _mm512_srli_epi16(hi, 2);
+    return _mm512_or_si512(_mm512_and_si512(grp4 < 32 ? lo : _mm512_srli_epi16(lo, 4), _mm512_set1_epi8(15)),
+                           _mm512_and_si512(h, _mm512_set1_epi8(0x30)));
+}
+
+// Q6_K's sub-block sb (16 weights) of one group block into tot, for MT activation rows (rows_x16k_tile)
+template <int MT>
+OAG_AVX512 void q6k_sub(const uint8_t *gk, int sb, const uint8_t *xq, const int32_t *xz, int64_t M, __m512i *tot) {
+    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(gk + 32 + 16 * sb)));
+    __m512i c[4];
+    for (int i = 0; i < 4; i++) c[i] = q6k_group(gk, 4 * sb + i);
+    const uint8_t *xs = xq + (sb / 2) * M * 32 + 16 * (sb % 2);
+    const int32_t *zs = xz + sb * M;
+#pragma GCC unroll 16
+    for (int t = 0; t < MT; t++) {
+        __m512i p = _mm512_set1_epi32(zs[t]);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(xs + 32 * t + 4 * i)));
+        tot[t] = _mm512_add_epi32(tot[t], _mm512_mullo_epi32(p, sc));
+    }
+}
+
 template <int64_t T, int MT>
 OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
     constexpr int64_t gb = X16_ROWS * layout(T).bytes;
-    const int64_t nb = g.K / 256;
+    constexpr bool regs = MT <= 8;
+    const int64_t nb = g.K / 256, M = g.M, N = g.N;
+    const XT &x = *g.t;
     const uint8_t *grp = g.raw + n * g.rb;
-    const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
-    __m512 acc[MT];
-    for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+    const uint8_t *xq0 = reinterpret_cast<const uint8_t *>(x.q.data());
+    const __m512i m4 = _mm512_set1_epi8(15);
+    float *yt = g.y + m0 * N + n;  // activation row t's outputs at yt + t * N
+    __m512 acc[regs ? MT : 1];
+    for (int t = 0; t < MT; t++) {
+        if constexpr (regs) acc[t] = _mm512_setzero_ps();
+        else _mm512_storeu_ps(yt + t * N, _mm512_setzero_ps());
+    }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gk = grp + b * gb;
         for (int64_t l = 0; l < gb; l += 64) _mm_prefetch(reinterpret_cast<const char *>(gk + PF_AHEAD + l), _MM_HINT_T0);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(gk)));
+        const float *xd = x.d.data() + b * M + m0;
         __m512i tot[MT];
         for (int t = 0; t < MT; t++) tot[t] = _mm512_setzero_si512();
         if constexpr (T == Q4_K) {
@@ -1148,7 +1235,7 @@ OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
             for (int p = 0; p < 12; p++) P[p] = _mm_loadu_si128(reinterpret_cast<const __m128i *>(gk + 64 + 16 * p));
             const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
             auto top2 = [&](__m128i v) { return _mm_and_si128(_mm_srli_epi16(v, 6), m3); };
-            alignas(64) int32_t mins[8][16];
+            __m512i mp[4];  // the mins of sub-blocks 2k and 2k + 1 as int16 pairs, a pair a row
             for (int sb = 0; sb < 8; sb++) {
                 __m128i sc8, mn8;
                 if (sb < 4) {
@@ -1158,7 +1245,8 @@ OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
                     sc8 = _mm_or_si128(_mm_and_si128(P[sb + 4], m15), _mm_slli_epi16(top2(P[sb - 4]), 4));
                     mn8 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(P[sb + 4], 4), m15), _mm_slli_epi16(top2(P[sb]), 4));
                 }
-                _mm512_store_si512(mins[sb], _mm512_cvtepu8_epi32(mn8));
+                const __m512i mn = _mm512_cvtepu8_epi32(mn8);
+                mp[sb / 2] = sb & 1 ? _mm512_or_si512(mp[sb / 2], _mm512_slli_epi32(mn, 16)) : mn;
                 const __m512i sc = _mm512_cvtepu8_epi32(sc8);
                 const int j = sb / 2;
                 __m512i c[8];
@@ -1166,57 +1254,51 @@ OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
                     const __m512i w = _mm512_loadu_si512(gk + 256 + 64 * (8 * j + i));
                     c[i] = _mm512_and_si512(sb & 1 ? _mm512_srli_epi16(w, 4) : w, m4);
                 }
-#pragma GCC unroll 8
+                const uint8_t *xq = xq0 + ((b * 8 + sb) * M + m0) * 32;
+#pragma GCC unroll 16
                 for (int t = 0; t < MT; t++) {
-                    const uint8_t *xq = reinterpret_cast<const uint8_t *>(g.a->q.data() + (m0 + t) * g.K + b * 256 + 32 * sb);
                     __m512i p = _mm512_setzero_si512();
 #pragma GCC unroll 8
-                    for (int i = 0; i < 8; i++) p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(xq + 4 * i)));
+                    for (int i = 0; i < 8; i++) p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(xq + 32 * t + 4 * i)));
                     tot[t] = _mm512_add_epi32(tot[t], _mm512_mullo_epi32(p, sc));
                 }
             }
             const __m512 dmw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(gk + 32)));
+            const uint8_t *xs = reinterpret_cast<const uint8_t *>(x.s2.data() + (b * M + m0) * 8);
+#pragma GCC unroll 16
             for (int t = 0; t < MT; t++) {
-                const int64_t mi = m0 + t;
-                const int16_t *x32 = g.a->s32.data() + mi * (g.K / 32) + b * 8;
                 __m512i mt = _mm512_setzero_si512();
-                for (int sb = 0; sb < 8; sb++)
-                    mt = _mm512_add_epi32(mt, _mm512_mullo_epi32(_mm512_load_si512(mins[sb]), _mm512_set1_epi32(x32[sb])));
-                const __m512 dx = _mm512_set1_ps(g.a->d[mi * nb + b]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(dw, dx), acc[t]);
-                acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mt), _mm512_mul_ps(dmw, dx), acc[t]);
+                for (int k = 0; k < 4; k++) mt = _mm512_dpwssd_epi32(mt, mp[k], _mm512_set1_epi32((int)u32(xs + 16 * t + 4 * k)));
+                const __m512 dx = _mm512_set1_ps(xd[t]);
+                __m512 a = regs ? acc[regs ? t : 0] : _mm512_loadu_ps(yt + t * N);
+                a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(dw, dx), a);
+                a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mt), _mm512_mul_ps(dmw, dx), a);
+                if constexpr (regs) acc[t] = a;
+                else _mm512_storeu_ps(yt + t * N, a);
             }
         } else {  // Q6_K: 16 sub-blocks of 16 weights (4 weight groups each)
-            for (int sb = 0; sb < 16; sb++) {
-                const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(gk + 32 + 16 * sb)));
-                __m512i c[4];
-                for (int i = 0; i < 4; i++) {
-                    const int grp4 = 4 * sb + i;  // weight group: weights 4 * grp4 .. + 3
-                    const __m512i lo = _mm512_loadu_si512(gk + 288 + 64 * (grp4 % 32));
-                    const __m512i hi = _mm512_loadu_si512(gk + 2336 + 64 * (grp4 % 16));
-                    const int hs = grp4 / 16;  // the bit pair's place: 2 hs .. 2 hs + 1, moved to bits 4-5
-                    const __m512i h = hs == 0 ? _mm512_slli_epi16(hi, 4) : hs == 1 ? _mm512_slli_epi16(hi, 2)
-                                    : hs == 2 ? hi : _mm512_srli_epi16(hi, 2);
-                    c[i] = _mm512_or_si512(_mm512_and_si512(grp4 < 32 ? lo : _mm512_srli_epi16(lo, 4), m4),
-                                           _mm512_and_si512(h, m30));
-                }
-#pragma GCC unroll 8
-                for (int t = 0; t < MT; t++) {
-                    const int64_t mi = m0 + t;
-                    const uint8_t *xq = reinterpret_cast<const uint8_t *>(g.a->q.data() + mi * g.K + b * 256 + 16 * sb);
-                    __m512i p = _mm512_set1_epi32(-32 * g.a->s16[mi * (g.K / 16) + b * 16 + sb]);
-#pragma GCC unroll 4
-                    for (int i = 0; i < 4; i++) p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(xq + 4 * i)));
-                    tot[t] = _mm512_add_epi32(tot[t], _mm512_mullo_epi32(p, sc));
-                }
+            const int32_t *xz = x.z.data() + b * 16 * M + m0;
+            const uint8_t *xq = xq0 + (b * 8 * M + m0) * 32;
+            // up to 8 rows the sub-block loop unrolls (each code vector's place and shifts constants: a decode row
+            // is otherwise bound by that arithmetic); past 8 the unrolled code spills
+            if constexpr (MT <= 8) {
+#pragma GCC unroll 16
+                for (int sb = 0; sb < 16; sb++) q6k_sub<MT>(gk, sb, xq, xz, M, tot);
+            } else {
+                for (int sb = 0; sb < 16; sb++) q6k_sub<MT>(gk, sb, xq, xz, M, tot);
             }
+#pragma GCC unroll 16
             for (int t = 0; t < MT; t++) {
-                const __m512 dx = _mm512_set1_ps(g.a->d[(m0 + t) * nb + b]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(dw, dx), acc[t]);
+                const __m512 dx = _mm512_set1_ps(xd[t]);
+                __m512 a = regs ? acc[regs ? t : 0] : _mm512_loadu_ps(yt + t * N);
+                a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(dw, dx), a);
+                if constexpr (regs) acc[t] = a;
+                else _mm512_storeu_ps(yt + t * N, a);
             }
         }
     }
-    for (int t = 0; t < MT; t++) _mm512_storeu_ps(g.y + (m0 + t) * g.N + n, acc[t]);
+    if constexpr (regs)
+        for (int t = 0; t < MT; t++) _mm512_storeu_ps(yt + t * N, acc[t]);
 }
 
 template <int64_t T, int MT>
@@ -1225,19 +1307,23 @@ OAG_AVX512 void x16_tile(const Args &g, int64_t n, int64_t m) {
     else rows_x16_tile<T, MT>(g, n, m);
 }
 
-// rows n0..n1 (whole groups of 16): the activation rows in tiles of 16 (the K-quants' largest is 8: their tile
-// keeps each row's integer block sum beside its float one), 8, 4, 2 and 1
+// rows n0..n1 (whole groups of 16): the activation rows in tiles of 16, 8, 4, 2 and 1
 template <int64_t T>
 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))) void rows_x16(const Args &g, int64_t n0,
                                                                                             int64_t n1) {
-    constexpr int top = xblock<T>() == 256 ? 8 : 16;
-    for (int64_t n = n0; n < n1; n += X16_ROWS) {
-        int64_t m = 0;
-        for (; m + top <= g.M; m += top) x16_tile<T, top>(g, n, m);
-        if (top > 8 && g.M - m >= 8) x16_tile<T, 8>(g, n, m), m += 8;
-        if (g.M - m >= 4) x16_tile<T, 4>(g, n, m), m += 4;
-        if (g.M - m >= 2) x16_tile<T, 2>(g, n, m), m += 2;
-        if (g.M - m >= 1) x16_tile<T, 1>(g, n, m);
+    // a prefill's activation rows in chunks that stay in L2 (~384 KiB of int8) while the thread's weight groups
+    // pass: the whole (M, K) streamed from L3 once a group cost a third of the GEMM at K = 4864
+    const int64_t mc = std::max<int64_t>(16, (384 * 1024 / g.K) / 16 * 16);
+    for (int64_t c0 = 0; c0 < g.M; c0 += mc) {
+        const int64_t c1 = std::min(g.M, c0 + mc);
+        for (int64_t n = n0; n < n1; n += X16_ROWS) {
+            int64_t m = c0;
+            for (; m + 16 <= c1; m += 16) x16_tile<T, 16>(g, n, m);
+            if (c1 - m >= 8) x16_tile<T, 8>(g, n, m), m += 8;
+            if (c1 - m >= 4) x16_tile<T, 4>(g, n, m), m += 4;
+            if (c1 - m >= 2) x16_tile<T, 2>(g, n, m), m += 2;
+            if (c1 - m >= 1) x16_tile<T, 1>(g, n, m);
+        }
     }
 }
 #endif
@@ -1306,6 +1392,23 @@ RowsFn rows_x16_fn(int64_t qt) {
     return nullptr;
 }
 
+XT quantize_xt_for(int64_t qt, const float *x, int64_t M, int64_t K) {
+#ifdef OAG_X86
+    switch (qt) {
+        case Q4_0: return quantize_xt<Q4_0>(x, M, K);
+        case Q4_1: return quantize_xt<Q4_1>(x, M, K);
+        case Q5_0: return quantize_xt<Q5_0>(x, M, K);
+        case Q5_1: return quantize_xt<Q5_1>(x, M, K);
+        case Q8_0: return quantize_xt<Q8_0>(x, M, K);
+        case Q4_K: return quantize_xt<Q4_K>(x, M, K);
+        case Q6_K: return quantize_xt<Q6_K>(x, M, K);
+        default: break;
+    }
+#endif
+    (void)x, (void)M, (void)K;
+    TORCH_CHECK(false, "ggml type ", qt, " has no interleaved kernel here");
+}
+
 // the (un)interleaving, per type
 using PackFn = void (*)(uint8_t *, int64_t, int64_t, int64_t, int64_t);
 using UnpackFn = void (*)(const uint8_t *, int64_t, int64_t, int64_t, uint8_t *);
@@ -1357,14 +1460,16 @@ at::Tensor ggml_gemv(const at::Tensor &x_, const at::Tensor &raw_, int64_t qt, i
     TORCH_CHECK(!(qt & X16) || use == 2, "ggml_gemv: the interleaved layout runs on the AVX-512 VNNI path only");
     const at::Tensor xf = x_.to(at::kFloat).contiguous(), raw = raw_.contiguous();
     const int64_t M = xf.size(0), N = raw.size(0);
-    const XQ a = quantize_x(xf.data_ptr<float>(), M, K, layout(qt & ~X16).block == 256 ? 256 : 32);
     at::Tensor y = at::empty({M, N}, xf.options());
-    const Args g{raw.data_ptr<uint8_t>(), raw.size(1), &a, M, N, K, y.data_ptr<float>()};
     if (qt & X16) {
+        const XT t = quantize_xt_for(qt & ~X16, xf.data_ptr<float>(), M, K);
+        const Args g{raw.data_ptr<uint8_t>(), raw.size(1), nullptr, M, N, K, y.data_ptr<float>(), &t};
         const RowsFn fn = rows_x16_fn(qt & ~X16);
         at::parallel_for(0, N / X16_ROWS, GRAIN / X16_ROWS,
                          [&](int64_t g0, int64_t g1) { fn(g, g0 * X16_ROWS, g1 * X16_ROWS); });
     } else {
+        const XQ a = quantize_x(xf.data_ptr<float>(), M, K, layout(qt).block == 256 ? 256 : 32);
+        const Args g{raw.data_ptr<uint8_t>(), raw.size(1), &a, M, N, K, y.data_ptr<float>()};
         const RowsFn fn = rows_fn(qt, use);
         at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { fn(g, n0, n1); });
     }

@@ -74,20 +74,29 @@ class Engine:
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, device: str = "cpu", progress: bool = True,
                  gguf_weights: str = "native"):
-        from .loader import load_model
+        from .formats import open_checkpoint
+        from .loader import GGUF_WEIGHTS, load_model
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
         self.progress = progress
+        if gguf_weights not in GGUF_WEIGHTS:
+            raise InvalidParameterError(f"gguf_weights must be one of {', '.join(GGUF_WEIGHTS)}, got {gguf_weights!r}")
         self.model_path = resolve(model, progress=progress)
         self.gguf_weights = gguf_weights
-        self.model, self.checkpoint = load_model(self.model_path, progress=progress, gguf_weights=gguf_weights)
-        self.config = self.model.config
-        src = self.checkpoint.tokenizer
+        ckpt = open_checkpoint(self.model_path)
+        # the tokenizer before the weights: its temporaries (a GGUF's vocabulary as Python strings, the BPE tables
+        # built from them) are freed before the weights arrive instead of adding to the peak beside them
+        src = ckpt.tokenizer
         if src.get("kind") == "gguf":
             self.tokenizer = Tokenizer.from_gguf_metadata(src["metadata"])
+            ckpt.release_vocabulary()
         else:
-            self.tokenizer = Tokenizer.from_hf_dir(src["dir"], self.config.eos_token_id)
+            from .models import ModelConfig
+
+            self.tokenizer = Tokenizer.from_hf_dir(src["dir"], ModelConfig.from_hf(ckpt.config).eos_token_id)
+        self.model, self.checkpoint = load_model(ckpt, progress=progress, gguf_weights=gguf_weights)
+        self.config = self.model.config
         self.eos_ids = set(self.config.eos_token_id) | self.tokenizer.eog_ids
         self.device = "cpu"
         self.optimize_level = "O0"

@@ -74,7 +74,7 @@ def _ggml_layers(model: nn.Module, ckpt: Checkpoint, progress: bool) -> None:
     from .quant.ggml import INT4_TYPES, int4_from_ggml
     from .quant.modules import GGMLLinear
 
-    def ggml(name: str, shape: tuple[int, int]):
+    def ggml(name: str, shape: tuple[int, int], gathered_only: bool = False):
         info = ckpt.tensors.get(f"{name}.weight")
         if info is None or info.storage not in kernels.GGML_TYPES or len(info.shape) != 2:
             return None
@@ -85,6 +85,10 @@ def _ggml_layers(model: nn.Module, ckpt: Checkpoint, progress: bool) -> None:
         if bias is not None and tuple(bias.shape) != shape[:1]:
             raise InvalidModelError(f"{ckpt.path}: tensor {name}.bias has shape {tuple(bias.shape)}, the config "
                                     f"implies {shape[:1]}")
+        if gathered_only and bias is None:
+            # an untied embedding's rows are only gathered: mapped from the file, stored layout (no GEMV reads
+            # it), a page resident once a token on it is seen (llama.cpp's mmap'd weights do the same)
+            return GGMLLinear(ckpt.map_raw(f"{name}.weight"), info.storage, info.shape[1], None, gathered_only=True)
         raw = ckpt.load_raw(f"{name}.weight")
         # Q4_0/Q4_1: the same codes in our int4 format (O3's tuned int4 kernels), except where the GGML rows
         # interleave (AVX-512 VNNI): their int8 block GEMV and GEMM there take 0.4-0.6x the int4 decode kernel's
@@ -107,6 +111,6 @@ def _ggml_layers(model: nn.Module, ckpt: Checkpoint, progress: bool) -> None:
         head = ggml("model.embed_tokens" if tied else "lm_head", table)
         if head is not None:
             install(model, "lm_head", head)  # tied: the embedding reads its rows from the head
-        if not tied and (emb := ggml("model.embed_tokens", table)) is not None:
+        if not tied and (emb := ggml("model.embed_tokens", table, gathered_only=True)) is not None:
             install(model, "model.embed_tokens", emb)
         pb.update()

@@ -80,10 +80,12 @@ def compile_model(model, level: str, max_batch: int = 1, max_len: int | None = N
     t0 = time.perf_counter()
     if level == "O0":
         return Compiled("O0", model)
-    from ..sysmem import keep_freed_memory
+    from ..sysmem import keep_freed_memory, return_freed_memory
 
-    keep_freed_memory()  # prefill's large temporaries reuse memory instead of faulting pages in at every call
     passes = run_passes(model)
+    # the layers the passes fused away: their memory goes back before freed memory is kept from here on
+    return_freed_memory()
+    keep_freed_memory()  # prefill's large temporaries reuse memory instead of faulting pages in at every call
     max_len = min(max_len or 2048, model.config.max_position_embeddings)
     prefill_tokens = min(prefill_tokens, max_len)
     dtype = kv = activation_dtype(model)

@@ -13,12 +13,33 @@ from typing import Callable
 import torch
 
 
+VOCABULARY_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.scores")
+
+
+def map_owned(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    """``nbytes`` bytes of ``path`` from ``offset`` as a private (copy-on-write) mapping: nothing is read now, a
+    page becomes resident when first touched. The tensor keeps the mapping alive; the file can be closed, renamed
+    or replaced meanwhile (the mapping holds the inode)."""
+    import mmap
+
+    if not nbytes or not hasattr(mmap, "MAP_PRIVATE"):  # (an empty tensor; an OS without private mappings)
+        return read_owned(path, offset, nbytes, "a tensor")
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), offset + nbytes - start, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    return torch.frombuffer(m, dtype=torch.uint8, offset=offset - start, count=nbytes)
+
+
 def read_owned(path: Path, offset: int, nbytes: int, what: str) -> torch.Tensor:
     """``nbytes`` bytes of ``path`` from ``offset``, read into a uint8 tensor of their own (no mmap, so no file
-    pages stay resident once read; aligned by torch's allocator). CorruptModelError naming ``what`` when short."""
+    pages stay resident once read; aligned by torch's allocator; huge pages where the OS gives them on request:
+    ``sysmem.empty_huge``). CorruptModelError naming ``what`` when short."""
     from ..errors import CorruptModelError
+    from ..sysmem import empty_huge
 
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf = empty_huge(nbytes)
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -52,6 +73,8 @@ class Checkpoint:
 
     # optional: the tensor exactly as stored (integer codes of quantized artifacts)
     _raw_loader: Callable[[str], torch.Tensor] | None = None
+    # optional: load_raw's bytes mapped from the file, resident page by page as they are read
+    _map_loader: Callable[[str], torch.Tensor] | None = None
 
     def load(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (HF name) as float32, with any format-specific layout undone."""
@@ -64,6 +87,20 @@ class Checkpoint:
 
             raise InvalidModelError(f"{self.path} lacks tensor {name}")
         return (self._raw_loader or self._loader)(name)
+
+    def map_raw(self, name: str) -> torch.Tensor:
+        """``load_raw``'s tensor, mapped from the file where the format allows (pages resident as rows are
+        read: for tables only gathered from), else read."""
+        if self._map_loader is None or name not in self.tensors:
+            return self.load_raw(name)
+        return self._map_loader(name)
+
+    def release_vocabulary(self) -> None:
+        """Drop a GGUF's tokenizer arrays (tokens, merges, token types) once the tokenizer is built from them:
+        Qwen2's 151k tokens and 151k merges are ~25 MB of Python strings otherwise held for the process's life."""
+        for meta in (self.tokenizer.get("metadata") or {}, self.metadata):
+            for key in VOCABULARY_ARRAYS:
+                meta.pop(key, None)
 
     def weight_bytes_by_storage(self) -> dict[str, int]:
         out: dict[str, int] = {}

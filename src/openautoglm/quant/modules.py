@@ -176,10 +176,12 @@ class GGMLLinear(_QuantLinear):
     fp32 one elsewhere. The reference path dequantizes with ``formats.gguf_quants`` (torch, no native code)."""
 
     def __init__(self, raw: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None,
-                 interleaved: bool = False, owned: bool = False):
+                 interleaved: bool = False, owned: bool = False, gathered_only: bool = False):
         """``raw`` as the GGUF file stores it, or already ``interleaved``. Where the decode GEMV computes on the
         16-row interleaved layout (``kernels.interleaves``), stored rows are rearranged into it: in place when
-        ``raw`` is ``owned`` (the loader's own buffer: no second copy of the weights at any time), else a copy."""
+        ``raw`` is ``owned`` (the loader's own buffer: no second copy of the weights at any time), else a copy.
+        ``gathered_only``: a table whose rows are only gathered (an untied embedding) keeps the stored layout,
+        and ``raw`` is never written (it may be a mapping of the file)."""
         super().__init__()
         from .. import kernels
         from ..host import native_bf16
@@ -190,7 +192,7 @@ class GGMLLinear(_QuantLinear):
         self.config = GGMLConfig(qtype)
         self.out_features, self.in_features = raw.shape[0], in_features
         raw = raw.contiguous()
-        if not interleaved and kernels.interleaves(qtype, raw.shape[0]):
+        if not interleaved and not gathered_only and kernels.interleaves(qtype, raw.shape[0]):
             raw, interleaved = kernels.ggml_interleave(raw, qtype, in_features, inplace=owned), True
         self.qtype, self.interleaved, self.type_id = qtype, interleaved, kernels.ggml_type_id(qtype, interleaved)
         self.register_buffer("raw", raw)
@@ -315,8 +317,13 @@ def cat_rows(mods: list[nn.Module]) -> nn.Module | None:
         if any(m.interleaved != mods[0].interleaved for m in mods):
             return None
         # interleaved groups of 16 rows concatenate as whole groups too
-        return GGMLLinear(torch.cat([m.raw for m in mods], 0), mods[0].qtype, mods[0].in_features, bias,
-                          interleaved=mods[0].interleaved, owned=True)
+        from ..sysmem import empty_huge
+
+        raws = [m.raw for m in mods]
+        rows = sum(r.shape[0] for r in raws)
+        raw = empty_huge(rows * raws[0].shape[1]).view(rows, raws[0].shape[1])
+        torch.cat(raws, 0, out=raw)
+        return GGMLLinear(raw, mods[0].qtype, mods[0].in_features, bias, interleaved=mods[0].interleaved, owned=True)
     cat = {k: torch.cat([getattr(m, k) for m in mods], 0) for k in ("qweight", "scales", "zeros") if hasattr(mods[0], k)}
     if t is IntxLinear:  # packed rows concatenate as they are: no unpacking (no int32 transient)
         return IntxLinear.from_packed(cat["qweight"], cat["scales"], cat["zeros"], mods[0].bits,

@@ -1085,6 +1085,26 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"))) void rows_v
     for (; n < n1; n++) rows_r_vnni<T, 1>(g, n);
 }
 
+// p + the dot of N code vectors with the activation words at x (4 bytes each, broadcast). For one activation row
+// in two chains (even and odd words) summed at the end: a decode row has no other row's products to overlap with
+// vpdpbusd's latency. The integer sum is the same either way (exact), so a batch stays bit for bit its rows.
+template <int N, int MT>
+OAG_AVX512 __m512i dot_codes(__m512i p, const __m512i *c, const uint8_t *x) {
+    if constexpr (MT == 1) {
+        __m512i q = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int i = 0; i < N; i += 2) {
+            p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(x + 4 * i)));
+            q = _mm512_dpbusd_epi32(q, c[i + 1], _mm512_set1_epi32((int)u32(x + 4 * i + 4)));
+        }
+        return _mm512_add_epi32(p, q);
+    } else {
+#pragma GCC unroll 8
+        for (int i = 0; i < N; i++) p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(x + 4 * i)));
+        return p;
+    }
+}
+
 // The interleaved kernels' activations (XT): quantize_x's values (the same blocks, scales and rounding), block-major
 template <int64_t T>
 __attribute__((target("avx2,fma,f16c"))) XT quantize_xt(const float *x, int64_t M, int64_t K) {
@@ -1169,8 +1189,7 @@ OAG_AVX512 void rows_x16_tile(const Args &g, int64_t n, int64_t m0) {
         for (int t = 0; t < MT; t++) {
             __m512i p = _mm512_setzero_si512();
             if constexpr (Z != 0) p = _mm512_set1_epi32(x.z[b * M + m0 + t]);
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) p = _mm512_dpbusd_epi32(p, c[j], _mm512_set1_epi32((int)u32(xq + 32 * t + 4 * j)));
+            p = dot_codes<8, MT>(p, c, xq + 32 * t);
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, _mm512_set1_ps(xd[t])), acc[t]);
             if constexpr (float_offset<T>()) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x.fs[b * M + m0 + t]), acc[t]);
         }
@@ -1201,8 +1220,7 @@ OAG_AVX512 void q6k_sub(const uint8_t *gk, int sb, const uint8_t *xq, const int3
 #pragma GCC unroll 16
     for (int t = 0; t < MT; t++) {
         __m512i p = _mm512_set1_epi32(zs[t]);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(xs + 32 * t + 4 * i)));
+        p = dot_codes<4, MT>(p, c, xs + 32 * t);
         tot[t] = _mm512_add_epi32(tot[t], _mm512_mullo_epi32(p, sc));
     }
 }
@@ -1258,8 +1276,7 @@ OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
 #pragma GCC unroll 16
                 for (int t = 0; t < MT; t++) {
                     __m512i p = _mm512_setzero_si512();
-#pragma GCC unroll 8
-                    for (int i = 0; i < 8; i++) p = _mm512_dpbusd_epi32(p, c[i], _mm512_set1_epi32((int)u32(xq + 32 * t + 4 * i)));
+                    p = dot_codes<8, MT>(p, c, xq + 32 * t);
                     tot[t] = _mm512_add_epi32(tot[t], _mm512_mullo_epi32(p, sc));
                 }
             }

@@ -1287,7 +1287,9 @@ OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
                 __m512i mt = _mm512_setzero_si512();
                 for (int k = 0; k < 4; k++) mt = _mm512_dpwssd_epi32(mt, mp[k], _mm512_set1_epi32((int)u32(xs + 16 * t + 4 * k)));
                 const __m512 dx = _mm512_set1_ps(xd[t]);
-                __m512 a = regs ? acc[regs ? t : 0] : _mm512_loadu_ps(yt + t * N);
+                __m512 a;
+                if constexpr (regs) a = acc[t];
+                else a = _mm512_loadu_ps(yt + t * N);
                 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(dw, dx), a);
                 a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mt), _mm512_mul_ps(dmw, dx), a);
                 if constexpr (regs) acc[t] = a;
@@ -1307,7 +1309,9 @@ OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
 #pragma GCC unroll 16
             for (int t = 0; t < MT; t++) {
                 const __m512 dx = _mm512_set1_ps(xd[t]);
-                __m512 a = regs ? acc[regs ? t : 0] : _mm512_loadu_ps(yt + t * N);
+                __m512 a;
+                if constexpr (regs) a = acc[t];
+                else a = _mm512_loadu_ps(yt + t * N);
                 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(dw, dx), a);
                 if constexpr (regs) acc[t] = a;
                 else _mm512_storeu_ps(yt + t * N, a);
@@ -1393,43 +1397,7 @@ RowsFn rows_fn(int64_t qt, int64_t path) {
     }
 }
 
-RowsFn rows_x16_fn(int64_t qt) {
-#ifdef OAG_X86
-    switch (qt) {
-        case Q4_0: return &rows_x16<Q4_0>;
-        case Q4_1: return &rows_x16<Q4_1>;
-        case Q5_0: return &rows_x16<Q5_0>;
-        case Q5_1: return &rows_x16<Q5_1>;
-        case Q8_0: return &rows_x16<Q8_0>;
-        case Q4_K: return &rows_x16<Q4_K>;
-        case Q6_K: return &rows_x16<Q6_K>;
-    }
-#endif
-    (void)qt;
-    return nullptr;
-}
-
-XT quantize_xt_for(int64_t qt, const float *x, int64_t M, int64_t K) {
-#ifdef OAG_X86
-    switch (qt) {
-        case Q4_0: return quantize_xt<Q4_0>(x, M, K);
-        case Q4_1: return quantize_xt<Q4_1>(x, M, K);
-        case Q5_0: return quantize_xt<Q5_0>(x, M, K);
-        case Q5_1: return quantize_xt<Q5_1>(x, M, K);
-        case Q8_0: return quantize_xt<Q8_0>(x, M, K);
-        case Q4_K: return quantize_xt<Q4_K>(x, M, K);
-        case Q6_K: return quantize_xt<Q6_K>(x, M, K);
-        default: break;
-    }
-#endif
-    (void)x, (void)M, (void)K;
-    TORCH_CHECK(false, "ggml type ", qt, " has no interleaved kernel here");
-}
-
-// the (un)interleaving, per type
-using PackFn = void (*)(uint8_t *, int64_t, int64_t, int64_t, int64_t);
-using UnpackFn = void (*)(const uint8_t *, int64_t, int64_t, int64_t, uint8_t *);
-
+// the interleaved layout's per-type functions: F<T>::fn for the type qt (nullptr for any other)
 template <template <int64_t> class F>
 auto x16_fn(int64_t qt) -> decltype(F<Q4_0>::fn) {
     switch (qt) {
@@ -1443,6 +1411,33 @@ auto x16_fn(int64_t qt) -> decltype(F<Q4_0>::fn) {
         default: return nullptr;
     }
 }
+
+#ifdef OAG_X86
+using XtFn = XT (*)(const float *, int64_t, int64_t);
+template <int64_t T> struct RowsOf { static constexpr RowsFn fn = &rows_x16<T>; };
+template <int64_t T> struct XtOf { static constexpr XtFn fn = &quantize_xt<T>; };
+#endif
+
+RowsFn rows_x16_fn(int64_t qt) {
+#ifdef OAG_X86
+    return x16_fn<RowsOf>(qt);
+#else
+    (void)qt;
+    return nullptr;
+#endif
+}
+
+XT quantize_xt_for(int64_t qt, const float *x, int64_t M, int64_t K) {
+#ifdef OAG_X86
+    if (const XtFn fn = x16_fn<XtOf>(qt)) return fn(x, M, K);
+#endif
+    (void)x, (void)M, (void)K;
+    TORCH_CHECK(false, "ggml type ", qt, " has no interleaved kernel here");
+}
+
+// the (un)interleaving, per type
+using PackFn = void (*)(uint8_t *, int64_t, int64_t, int64_t, int64_t);
+using UnpackFn = void (*)(const uint8_t *, int64_t, int64_t, int64_t, uint8_t *);
 
 template <int64_t T> struct PackOf { static constexpr PackFn fn = &x16_pack_groups<T>; };
 template <int64_t T> struct UnpackOf { static constexpr UnpackFn fn = &x16_unpack_row<T>; };

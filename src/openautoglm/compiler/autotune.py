@@ -62,6 +62,7 @@ DECODE_ONLY = ("gemv", "gemv-a8")
 # dequantize the whole matrix per call (ctypes, not traceable into the compiled decode step): prefill only
 PREFILL_ONLY = ("bf16-dq", "f32-dq", "gemm-a8")
 FEWER_THREADS_GAIN = 0.1
+BACKGROUND_ENV = "OPENAUTOGLM_IN_BACKGROUND_BUILD"  # set in a background build's environment (``background.start``)
 
 
 def cache_file() -> Path:
@@ -195,8 +196,12 @@ def tune_threads(model, batch: int, cache: dict, key_base: str) -> int:
     """The intra-op thread count for decode, up to the one set when tuning starts (the user's, or the cores): the
     fastest pass over all the model's linears (min of 6, in two blocks per count), fewer threads only when at
     least ``FEWER_THREADS_GAIN`` faster (memory-bound decode gains from every core; one noisy timing must not
-    halve it)."""
+    halve it). A background build (``BACKGROUND_ENV`` set) runs beside the engine it builds for, which holds
+    the other cores: timed there, one thread always wins. It keeps the count it was given and caches nothing, so
+    the first foreground load of the build (quiet then) tunes it."""
     top = torch.get_num_threads()
+    if os.environ.get(BACKGROUND_ENV):
+        return top
     # the model's linears are part of the key: one model's best count says nothing of another's (a small int4
     # model alone tuned to 1 thread; with its 28 MB head streamed as well, 2 are faster)
     shapes = hashlib.sha256(repr([(_fmt(m), m.out_features, m.in_features) for _, m in _linears(model)]).encode())
@@ -236,8 +241,10 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
     from .. import kernels
 
     base = f"{cpu_key()}|torch:{torch.__version__}|kernels:{kernels.sources_digest()}"
+    top = torch.get_num_threads()
     threads = tune_threads(model, max_batch, cache, base)
-    torch.set_num_threads(threads)
+    # decode runs at the tuned count; prefill (compute-bound) at every thread it was given (the runner switches)
+    counts = {"decode": threads, "prefill": top}
     budget = weight_bytes(model) if memory_budget is None else memory_budget
     buckets = {"decode": max_batch, "prefill": prefill_tokens}
     layers = list(_linears(model))
@@ -258,7 +265,8 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
         for name, mod in layers:
             for bucket, m in ((b, m) for b in buckets for m in row_counts(name, b)):
                 k = (_fmt(mod), mod.out_features, mod.in_features, bucket, m)
-                ck = (f"{k[0]}|{k[1]}x{k[2]}|{bucket}:{m}|{base}|threads:{threads}"
+                torch.set_num_threads(counts[bucket])
+                ck = (f"{k[0]}|{k[1]}x{k[2]}|{bucket}:{m}|{base}|threads:{counts[bucket]}"
                       f"|impls:{','.join(sorted(implementations(mod)))}")
                 if k in timings:
                     continue
@@ -285,6 +293,8 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
                 res.update(_time_all(fs, x))
                 timings[k] = cache[ck] = res
             pb.update()
+    torch.set_num_threads(threads)
+
     def scored(name: str, mod: nn.Module, bucket: str) -> dict:
         """{impl: seconds or None} for a layer and bucket; over several row counts, an implementation's worst
         slowdown against the best at each count (in the first count's seconds)."""
@@ -318,7 +328,7 @@ def tune_model(model: nn.Module, max_batch: int = 1, prefill_tokens: int = 512, 
         if used + cost <= budget:
             granted[(name, bucket)] = best
             used += cost
-    summary = {"threads": threads, "extra_bytes": used, "choices": {},
+    summary = {"threads": threads, "prefill_threads": top, "extra_bytes": used, "choices": {},
                "attention": tune_attention(model, max_batch, kv_len, cache, base)}
     from ..quant.api import set_module
 

@@ -104,7 +104,10 @@ def start(key: str, model_path: str | Path, level: str, max_batch: int, max_len:
            "--kv-dtype", kv_dtype,
            "--threads", str(_threads()), "-q"]
     with open(log, "wb") as f:
+        from .autotune import BACKGROUND_ENV
+
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, BACKGROUND_ENV: "1"},  # (no thread timing beside the engine)
                                 start_new_session=True, preexec_fn=lambda: os.nice(10))  # survives its parent
     atomic_write_text(pidfile, str(proc.pid))
     return Build(key, proc.pid, log, proc)

@@ -26,14 +26,17 @@ from .kv_cache import KVCache, model_device
 
 class ModelRunner:
     def __init__(self, model, cache: KVCache | None = None, len_bucket: int | None = None,
-                 session: dict | None = None, compile_missing: bool = True):
+                 session: dict | None = None, compile_missing: bool = True, prefill_threads: int | None = None):
         """``model``: what runs the forwards (the eager model, or a compiled ``CompiledLM``); ``cache``: its
         planned cache, or None; ``len_bucket``: the decode step's attended-length granularity (compiled runners);
-        ``session``: ``{"ids": ...}``, the tokens whose keys and values the planned cache's row 0 holds."""
+        ``session``: ``{"ids": ...}``, the tokens whose keys and values the planned cache's row 0 holds;
+        ``prefill_threads``: the intra-op threads prompts run on where O3 tuned decode to fewer (compute-bound
+        prefill wants every core; memory-bound decode may not)."""
         self.model, self.config = model, model.config
         self.planned, self.len_bucket = cache, len_bucket if cache is not None else None
         self.session = session if cache is not None else None
         self.compile_missing = compile_missing
+        self.prefill_threads = prefill_threads
         self.device = model_device(model)
         self.cache: KVCache | None = cache
         self.compiled_steps = 0  # decode steps that ran a compiled package
@@ -44,7 +47,8 @@ class ModelRunner:
         c = getattr(engine, "compiled", None)
         if c is None or c.cache is None:
             return cls(engine.model if c is None else c.runner)
-        return cls(c.runner, c.cache, c.len_bucket, c.session, compile_missing)
+        return cls(c.runner, c.cache, c.len_bucket, c.session, compile_missing,
+                   (c.autotune or {}).get("prefill_threads"))
 
     # ---- the cache --------------------------------------------------------------------------------------
     def claim(self, batch: int, length: int) -> list[int] | None:
@@ -88,9 +92,16 @@ class ModelRunner:
         at ``logits_at`` (B,) per row, else at every position. Prompts run the eager model (large GEMMs)."""
         self._select(rows)
         self.cache.static_len = None
-        with torch.inference_mode():
-            return self.model(ids.to(self.device), positions.to(self.device), self.cache,
-                              None if logits_at is None else logits_at.to(self.device))
+        was = torch.get_num_threads()
+        if self.prefill_threads and self.prefill_threads != was:
+            torch.set_num_threads(self.prefill_threads)
+        try:
+            with torch.inference_mode():
+                return self.model(ids.to(self.device), positions.to(self.device), self.cache,
+                                  None if logits_at is None else logits_at.to(self.device))
+        finally:
+            if torch.get_num_threads() != was:
+                torch.set_num_threads(was)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, rows=None, context: int | None = None) -> torch.Tensor:
         """One token a row: ``ids`` and ``positions`` (B,), on cache rows ``rows`` (None: 0..B-1); the logits

@@ -1161,7 +1161,8 @@ OAG_AVX512 void rows_x16_tile(const Args &g, int64_t n, int64_t m0) {
     for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gk = grp + b * gb;
-        for (int64_t l = 0; l < gb; l += 64) _mm_prefetch(reinterpret_cast<const char *>(gk + PF_AHEAD + l), _MM_HINT_T0);
+        // (no software prefetch: the groups stream in order and the hardware prefetchers keep up; prefetching 8 KiB
+        // ahead into L1 cost Zen 4 decode steps 5-14%, measured in one process alternating with and without)
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(gk)));
         __m512i c[8];
         if constexpr (T == Q8_0) {
@@ -1242,7 +1243,7 @@ OAG_AVX512 void rows_x16k_tile(const Args &g, int64_t n, int64_t m0) {
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gk = grp + b * gb;
-        for (int64_t l = 0; l < gb; l += 64) _mm_prefetch(reinterpret_cast<const char *>(gk + PF_AHEAD + l), _MM_HINT_T0);
+        // (no software prefetch, as in rows_x16_tile)
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(gk)));
         const float *xd = x.d.data() + b * M + m0;
         __m512i tot[MT];

@@ -33,6 +33,9 @@ def _add_model(p):
     p.add_argument("--kv-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8"),
                    help="KV cache dtype at O1+ (default auto: the activations', fp16 under O3's decode attention); "
                         "int8: codes with an fp16 scale per token and kv head, about half of bf16's memory")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="runtime dtype of float weights and activations (bf16: half the float weights' memory, "
+                        "bf16 GEMMs); GGUF blocks stay as stored")
 
 
 def _add_sampling(p):
@@ -60,7 +63,8 @@ def _engine(a, compile: bool = True):
     resolve_level(a.opt)
     if hasattr(a, "max_tokens"):
         SamplingParams(**_sampling_kwargs(a))
-    eng = Engine(model=a.model, progress=not getattr(a, "quiet", False), gguf_weights=a.gguf_weights)
+    eng = Engine(model=a.model, progress=not getattr(a, "quiet", False), gguf_weights=a.gguf_weights,
+                 dtype=getattr(a, "dtype", "fp32"))
     eng.enable_hardware_acceleration(a.device)
     if compile:
         eng.compile(optimize_level=a.opt, kv_dtype=getattr(a, "kv_dtype", "auto"))
@@ -277,15 +281,8 @@ def cmd_serve(a) -> int:
             raise OpenAutoGLMError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_streams_per_key' else 1}")
     keys = _api_keys(a)
     eng = _engine(a, compile=False)
-    opt = a.opt
-    if a.dtype == "bf16":
-        import torch
-
-        eng.model.to(torch.bfloat16)  # before compiling: the compiled step is specialized to the dtype
-        if opt == "auto":  # the background build compiles the checkpoint's dtype: compile this one here, at O1
-            opt = "O1"
     # the plan the scheduler runs in: max_batch rows of max_len (the compiled decode step runs any 1..max_batch)
-    eng.compile(optimize_level=opt, max_batch=a.max_batch, max_len=a.max_len, kv_dtype=a.kv_dtype)
+    eng.compile(optimize_level=a.opt, max_batch=a.max_batch, max_len=a.max_len, kv_dtype=a.kv_dtype)
     st = ServeSettings(max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, api_keys=keys,
                        kv_budget_mb=a.kv_budget_mb, request_timeout=a.timeout, prefill_chunk=a.prefill_chunk,
                        max_body_bytes=int(a.max_body_mb * 2**20), max_prompt_tokens=a.max_prompt_tokens,
@@ -521,8 +518,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the keys and values of prompt prefixes shared with earlier or running requests "
                         "(default: on)")
     v.add_argument("--access-log", default="-", help="Common Log Format access log: a file, - (stderr) or off")
-    v.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="runtime dtype of weights and activations (bf16: half the memory, faster GEMMs)")
     v.add_argument("--quiet", "-q", action="store_true")
     v.set_defaults(func=cmd_serve)
 

@@ -60,6 +60,9 @@ def resolve_level(optimize_level: str) -> str:
     return lvl
 
 
+DTYPES = ("fp32", "bf16")  # runtime dtypes of float weights and activations (``Engine(dtype=...)``)
+
+
 class Engine:
     """A loaded model with its tokenizer, ready to generate.
 
@@ -70,10 +73,14 @@ class Engine:
         gguf_weights: for a GGUF file, "native" (default) keeps its quantized tensors as stored and computes on
             them (``GGMLLinear``: no float copy, llama.cpp's bytes per token); "float" dequantizes every tensor to
             float32 (the reference, as transformers loads a GGUF).
+        dtype: the runtime dtype of the float weights and the activations: "fp32" (default) or "bf16" (half the
+            float weights' memory; bf16 GEMMs where the CPU has them). GGML blocks stay as stored either way. Set at
+            load, before anything is compiled (the compiled step is specialized to it); every caller that wants
+            bf16 asks here, nobody converts the model by hand.
     """
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, device: str = "cpu", progress: bool = True,
-                 gguf_weights: str = "native"):
+                 gguf_weights: str = "native", dtype: str = "fp32"):
         from .formats import open_checkpoint
         from .loader import GGUF_WEIGHTS, load_model
         from .tokenizer import Tokenizer
@@ -82,6 +89,9 @@ class Engine:
         self.progress = progress
         if gguf_weights not in GGUF_WEIGHTS:
             raise InvalidParameterError(f"gguf_weights must be one of {', '.join(GGUF_WEIGHTS)}, got {gguf_weights!r}")
+        if dtype not in DTYPES:
+            raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
         self.model_path = resolve(model, progress=progress)
         self.gguf_weights = gguf_weights
         ckpt = open_checkpoint(self.model_path)
@@ -96,6 +106,7 @@ class Engine:
 
             self.tokenizer = Tokenizer.from_hf_dir(src["dir"], ModelConfig.from_hf(ckpt.config).eos_token_id)
         self.model, self.checkpoint = load_model(ckpt, progress=progress, gguf_weights=gguf_weights)
+        self._apply_dtype()
         self.config = self.model.config
         self.eos_ids = set(self.config.eos_token_id) | self.tokenizer.eog_ids
         self.device = "cpu"
@@ -148,13 +159,14 @@ class Engine:
         max_len = min(max_len or 2048, self.config.max_position_embeddings)
         key = None
         if self.device == "cpu" and not getattr(self, "quant_result", None):  # (an in-memory quantization: no rebuild)
-            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights, kv_dtype)
+            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights, kv_dtype,
+                                      self.dtype)
         if key is not None and background.is_warm(key):
             return self._compile("O3", max_batch, max_len, kv_dtype)
         self._compile("O1", max_batch, max_len, kv_dtype)
         if key is not None and background.enabled():
             self._build = background.start(key, self.model_path, "O3", max_batch, max_len, self.gguf_weights,
-                                           kv_dtype)
+                                           kv_dtype, self.dtype)
             self._build_args = (max_batch, max_len, kv_dtype)
             # leave the build a core while it runs: intra-op threads that share a core with it stall at every
             # barrier (measured on 2 cores: O1 decode 1-2 tok/s on two threads beside the build, ~46 alone)
@@ -179,7 +191,8 @@ class Engine:
         if level == "O3" and self.device == "cpu" and not getattr(self, "quant_result", None):
             # (before compiling: O3 tunes the thread count, which is part of the key)
             max_len = min(max_len or 2048, self.config.max_position_embeddings)
-            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights, kv_dtype)
+            key = background.build_key(self.model_path, "O3", max_batch, max_len, self.gguf_weights, kv_dtype,
+                                      self.dtype)
         self.compiled = compile_model(self.model, level, max_batch=max_batch, max_len=max_len, progress=self.progress,
                                       kv_dtype=kv_dtype)
         cache = self.compiled.cache
@@ -255,6 +268,10 @@ class Engine:
 
         return any(isinstance(m, GGMLLinear) for m in self.model.modules())
 
+    def _apply_dtype(self) -> None:
+        if self.dtype == "bf16":
+            self.model.to(torch.bfloat16)  # (floating-point tensors only: GGML blocks and codes stay as stored)
+
     def _reload_float(self) -> None:
         """The model again, with a GGUF's tensors dequantized to float32 (what quantizing and non-CPU devices
         take)."""
@@ -262,6 +279,7 @@ class Engine:
 
         self.model = None
         self.model, self.checkpoint = load_model(self.model_path, progress=self.progress, gguf_weights="float")
+        self._apply_dtype()
         self.config = self.model.config
         self.gguf_weights = "float"
         return_freed_memory()
@@ -389,6 +407,7 @@ class Engine:
             "file_weight_bytes": ckpt.weight_bytes_by_storage(),
             "runtime_weight_bytes": weight_bytes_by_dtype(self.model),
             "device": self.device,
+            "dtype": self.dtype,
             "optimize_level": self.optimize_level,
             "compile": self.compiled.info() if getattr(self, "compiled", None) is not None else None,
             "chat_template": bool(self.tokenizer.chat_template),

@@ -32,7 +32,7 @@ def test_eval_matches_transformers_perplexity(tiny_engine_dir):
 
 def test_bf16_has_small_positive_kld(tiny_engine_dir):
     ref = OursScorer(Engine(model=tiny_engine_dir, progress=False))
-    cand = OursScorer(Engine(model=tiny_engine_dir, progress=False), "bf16")
+    cand = OursScorer(Engine(model=tiny_engine_dir, progress=False, dtype="bf16"))
     toks = ref.engine.tokenizer.encode("Hello world, this is a test of the evaluation code. " * 20)
     r = evaluate(cand, ref, toks, n_tokens=128, ctx=64, progress=False)
     assert 0 < r.kld_mean < 0.05 and r.kld_p99 >= r.kld_mean

@@ -24,14 +24,10 @@ class OursScorer:
     computes it, one token a step through the decode path (at O2/O3 the compiled step and its kernel choices,
     which a whole-window forward, a prefill, never runs), the KV cache filled by the steps before."""
 
-    def __init__(self, engine, dtype: str = "fp32", decode: bool = False):
+    def __init__(self, engine, decode: bool = False):
         self.engine = engine
         self.decode = decode
-        if dtype == "bf16":
-            engine.model.to(torch.bfloat16)
-        elif dtype != "fp32":
-            raise InvalidParameterError(f"dtype must be fp32 or bf16, got {dtype!r}")
-        self.label = f"openautoglm {dtype} {Path(str(engine.model_path)).name}"
+        self.label = f"openautoglm {engine.dtype} {Path(str(engine.model_path)).name}"
 
     def weight_bytes(self) -> int:
         """Bytes of the weights on disk (the checkpoint's tensors), as llama.cpp reports its model size."""
@@ -176,10 +172,12 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
     every window, as a prefill runs them); the reference is always O0 fp32. ``decode``: the candidate computes
     every position one token a step, as generation does (the decode kernels: O3 may choose other kernels there)."""
     from ..data import evaluation_text
-    from ..engine import Engine, resolve_level
+    from ..engine import DTYPES, Engine, resolve_level
     from ..errors import ModelNotFoundError
 
     opt = resolve_level(opt)
+    if dtype not in DTYPES:
+        raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if n_tokens < ctx:
         raise InvalidParameterError(f"--tokens ({n_tokens}) must be at least --ctx ({ctx})")
     if reference is None and peer is None:
@@ -195,7 +193,7 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
     tokens = ref_engine.tokenizer.encode(text, add_special_tokens=False)
     if ctx > ref_engine.config.max_position_embeddings:
         raise InvalidParameterError(f"--ctx {ctx} exceeds the model's context ({ref_engine.config.max_position_embeddings})")
-    reference_scorer = OursScorer(ref_engine, "fp32")
+    reference_scorer = OursScorer(ref_engine)
     n_weights = count_weights(ref_engine.model)
     if peer == "llama.cpp":
         from ..hub import resolve
@@ -210,7 +208,7 @@ def run_eval(model: str, reference: str | None = None, text_file: str | None = N
           and Path(ref_engine.model_path).suffix.lower() != ".gguf"):
         cand = reference_scorer  # the model is its own reference (a GGUF's native blocks are not: scored below)
     else:
-        cand = OursScorer(Engine(model=model, progress=progress), dtype, decode=decode)
+        cand = OursScorer(Engine(model=model, progress=progress, dtype=dtype), decode=decode)
         if opt != "O0":
             cand.engine.compile(opt, max_len=ctx)
             cand.label += f" {cand.engine.optimize_level}"

@@ -71,11 +71,10 @@ class Ours:
         from ..engine import Engine
 
         # "native": a GGUF's quantized tensors computed on as stored (the default); fp32/bf16: dequantized
-        self.engine = Engine(model=model, progress=False, gguf_weights="native" if scheme == "native" else "float")
+        self.engine = Engine(model=model, progress=False, gguf_weights="native" if scheme == "native" else "float",
+                             dtype="bf16" if scheme == "bf16" else "fp32")
         if quant:  # round-to-nearest, as `openautoglm quantize --method rtn` does (int8 embedding table)
             self.engine.quantize(quant[0], group_size=quant[1], method="rtn")
-        if scheme == "bf16":
-            self.engine.model.to(torch.bfloat16)
         # the context every system gets (llama.cpp's n_ctx), rounded up to the compiler's length bucket: the KV
         # cache is sized for it, as llama.cpp's is
         from ..compiler import LEN_BUCKET

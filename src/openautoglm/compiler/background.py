@@ -30,7 +30,7 @@ def enabled() -> bool:
 
 
 def build_key(model_path: str | Path, level: str, max_batch: int, max_len: int, gguf_weights: str,
-              kv_dtype: str = "auto") -> str:
+              kv_dtype: str = "auto", dtype: str = "fp32") -> str:
     import torch
 
     from .. import kernels
@@ -40,7 +40,7 @@ def build_key(model_path: str | Path, level: str, max_batch: int, max_len: int, 
     files = [p] if p.is_file() else sorted(f for f in p.glob("*") if f.is_file())
     ident = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     # (not the thread count: O3 tunes it, and its kernel choices are cached by the count a process starts with)
-    blob = json.dumps([ident, level, max_batch, max_len, gguf_weights, kv_dtype, cpu_key(), torch.__version__,
+    blob = json.dumps([ident, level, max_batch, max_len, gguf_weights, kv_dtype, dtype, cpu_key(), torch.__version__,
                        kernels.sources_digest(), _sources_digest()])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -88,7 +88,7 @@ class Build:
 
 
 def start(key: str, model_path: str | Path, level: str, max_batch: int, max_len: int, gguf_weights: str,
-          kv_dtype: str = "auto") -> Build:
+          kv_dtype: str = "auto", dtype: str = "fp32") -> Build:
     """Start (or join, when one is already running for ``key``) the background build; returns it."""
     d = _dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def start(key: str, model_path: str | Path, level: str, max_batch: int, max_len:
         pass
     cmd = [sys.executable, "-m", "openautoglm.cli", "compile", "-m", str(model_path), "--opt", level,
            "--max-batch", str(max_batch), "--max-len", str(max_len), "--gguf-weights", gguf_weights,
-           "--kv-dtype", kv_dtype,
+           "--kv-dtype", kv_dtype, "--dtype", dtype,
            "--threads", str(_threads()), "-q"]
     with open(log, "wb") as f:
         from .autotune import BACKGROUND_ENV

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import KVCache, model_device
+from .kv_cache import KVCache, activation_dtype, model_device
 
 
 class ModelRunner:
@@ -49,6 +49,11 @@ class ModelRunner:
             return cls(engine.model if c is None else c.runner)
         return cls(c.runner, c.cache, c.len_bucket, c.session, compile_missing,
                    (c.autotune or {}).get("prefill_threads"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the forwards compute in: the engine's runtime dtype (``Engine(dtype=...)``, set at load)."""
+        return activation_dtype(self.model)
 
     # ---- the cache --------------------------------------------------------------------------------------
     def claim(self, batch: int, length: int) -> list[int] | None:

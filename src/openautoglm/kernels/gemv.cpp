@@ -1245,11 +1245,12 @@ at::Tensor attention_impl(const at::Tensor &q_, const at::Tensor &k, const at::T
     }
     const int64_t use = path < 0 ? attn_path(D) : std::min(path, attn_path(D));
     // items: (row, kv head, group of up to 4 query heads, chunk of slots); groups as even as they can be, and
-    // rows cut into chunks of at least ATTN_MIN_SLOTS until a row has two items a thread (not more for more rows:
-    // a row's result does not depend on the batch it runs in)
+    // rows cut into chunks of at least ATTN_MIN_SLOTS until a row has two items a thread (not more for more rows).
+    // A row's chunks are a function of its own extent alone (not of S, the batch or the other rows), so a query's
+    // result is the same in any batch, at any attended length, and as a prefill query (attention_rows)
     const int64_t G = H / KV, NG = (G + 3) / 4, gb = (G + NG - 1) / NG, last = G - (NG - 1) * gb;
     const int64_t T = at::get_num_threads(), per_row = KV * NG;
-    const int64_t P = std::max<int64_t>(1, std::min((2 * T + per_row - 1) / per_row, S / ATTN_MIN_SLOTS));
+    const int64_t P = std::max<int64_t>(1, (2 * T + per_row - 1) / per_row);  // chunks a row at most
     AttnItem full = nullptr, tail = nullptr;
 #ifdef OAG_X86
     if (use == 2) full = attn_avx512_for(D, gb), tail = attn_avx512_for(D, last);
@@ -1266,8 +1267,13 @@ at::Tensor attention_impl(const at::Tensor &q_, const at::Tensor &k, const at::T
         for (int64_t i = i0; i < i1; i++) {
             const int64_t c = i % P, grp = (i / P) % NG, kvh = (i / (P * NG)) % KV, b = i / (P * per_row);
             const int64_t h0 = kvh * G + grp * gb, n = extent[b], cnt = grp == NG - 1 ? last : gb;
-            const int64_t j0 = n * c / P, j1 = n * (c + 1) / P;
+            const int64_t pr = std::max<int64_t>(1, std::min(P, n / ATTN_MIN_SLOTS));  // this row's chunks
             float *pp = part.data() + ((b * P + c) * H + h0) * (D + 2);
+            if (c >= pr) {
+                for (int64_t h = 0; h < cnt; h++) pp[h * (D + 2) + D + 1] = 0.f;  // (empty: the merge skips it)
+                continue;
+            }
+            const int64_t j0 = n * c / pr, j1 = n * (c + 1) / pr;
             AttnItem f = grp == NG - 1 ? tail : full;
             if (f) f(a, b, h0, cnt, j0, j1, sc.data(), pp);
             else attn_scalar(a, b, h0, cnt, j0, j1, sc.data(), pp);
@@ -1278,7 +1284,10 @@ at::Tensor attention_impl(const at::Tensor &q_, const at::Tensor &k, const at::T
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             float M = -INFINITY, L = 0.f;
-            for (int64_t c = 0; c < P; c++) M = std::max(M, part[((b * P + c) * H + h) * (D + 2) + D]);
+            for (int64_t c = 0; c < P; c++) {
+                const float *pc = part.data() + ((b * P + c) * H + h) * (D + 2);
+                if (pc[D + 1] != 0.f) M = std::max(M, pc[D]);  // (empty chunks hold no max)
+            }
             std::fill(o.begin(), o.end(), 0.f);
             for (int64_t c = 0; c < P; c++) {
                 const float *pc = part.data() + ((b * P + c) * H + h) * (D + 2);

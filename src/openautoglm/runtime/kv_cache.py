@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.layers import dequantize_kv, from_start, quantize_kv  # noqa: F401 (the cache format)
+from ..models.layers import dequantize_kv, from_start, invariant, quantize_kv  # noqa: F401 (the cache format)
 
 
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
@@ -164,7 +164,7 @@ class KVCache:
         if slots is None:
             slots = torch.arange(B, device=positions.device)
         heads = torch.arange(self.n_kv, device=positions.device)[None, :, None]  # (1, KV, 1)
-        fresh = from_start(positions)
+        fresh = from_start(positions) and not invariant()  # (batch_invariant: prompts read their keys back too)
         self._step = (slots[:, None, None], heads, positions[:, None, :], kv_len, run, slots, fresh)
         if fresh:
             return None

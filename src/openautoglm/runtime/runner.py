@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.layers import batch_invariant
 from .kv_cache import KVCache, activation_dtype, model_device
 
 
@@ -37,6 +38,9 @@ class ModelRunner:
         self.session = session if cache is not None else None
         self.compile_missing = compile_missing
         self.prefill_threads = prefill_threads
+        #: every attention computes each query as it would alone (``models.layers.batch_invariant``): the server's
+        #: scheduler sets it, so that a request's tokens do not depend on the batch, chunking or cached prefix
+        self.invariant = False
         self.device = model_device(model)
         self.cache: KVCache | None = cache
         self.compiled_steps = 0  # decode steps that ran a compiled package
@@ -101,7 +105,7 @@ class ModelRunner:
         if self.prefill_threads and self.prefill_threads != was:
             torch.set_num_threads(self.prefill_threads)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), batch_invariant(self.invariant):
                 return self.model(ids.to(self.device), positions.to(self.device), self.cache,
                                   None if logits_at is None else logits_at.to(self.device))
         finally:
@@ -118,7 +122,7 @@ class ModelRunner:
         self._select(None if leading else rows)
         self.cache.static_len = static
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), batch_invariant(self.invariant):
                 out = self.model(ids[:, None].to(self.device), positions[:, None].to(self.device), self.cache)[:, -1]
         finally:
             self.cache.static_len = None

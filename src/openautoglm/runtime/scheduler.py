@@ -167,6 +167,9 @@ class Scheduler:
             raise RuntimeError("rebind while requests are running")
         runner = model if isinstance(model, ModelRunner) else ModelRunner(model)
         runner.compile_missing = False  # never compile while serving
+        # a request's tokens must not depend on what it is batched with, how its prompt is chunked or whether its
+        # prefix came from the cache: each query's attention as it is alone (models.layers.batch_invariant)
+        runner.invariant = True
         # every row is ours from now on (a plan smaller than the server's: eager over a cache of our own)
         runner.claim(self.max_batch, self.max_len)
         self.runner, self.model = runner, runner.model

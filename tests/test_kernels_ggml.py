@@ -219,3 +219,21 @@ def test_prefill_block_gemm_is_the_decode_gemv_row_by_row():
     assert torch.equal(y, torch.stack([torch.cat([layer(x[b, i:i + 1]) for i in range(x.shape[1])]) for b in range(2)]))
     ref = reference(layer, x)
     assert float((y - ref).norm() / ref.norm()) <= QUALITY_BUDGET
+
+
+def test_a_ggml_layer_under_batch_invariant_computes_every_row_as_it_does_alone():
+    """The server's prompts: under ``batch_invariant`` an interleaved GGML layer runs its int8 kernel at any row
+    count, so a prompt chunk's rows are bit for bit the rows one at a time (outside it, more than 16 rows take the
+    bf16 GEMM on dequantized weights, whose rounding differs)."""
+    from openautoglm import kernels
+    from openautoglm.models.layers import batch_invariant
+    from openautoglm.quant.modules import GGMLLinear
+
+    if not kernels.interleaves("Q4_K", 32):
+        pytest.skip("no interleaved layout on this CPU (no AVX-512 VNNI)")
+    lin = GGMLLinear(random_rows("Q4_K", 32, 512, seed=3), "Q4_K", 512, None)
+    assert lin.interleaved
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode(), batch_invariant():
+        rows = torch.cat([lin(x[i:i + 1]) for i in range(40)])
+        assert torch.equal(lin(x), rows)

@@ -21,6 +21,7 @@ import threading
 import torch
 from torch import nn
 
+from ..models.layers import invariant
 from . import primitives as P
 
 
@@ -221,7 +222,9 @@ class GGMLLinear(_QuantLinear):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= GEMV_MAX_ROWS:
+        # interleaved rows take the int8 kernel at any row count where a query must compute as it would alone (the
+        # server, batch_invariant): a prompt chunk of <= 16 tokens would otherwise differ from a longer one
+        if x2.shape[0] <= GEMV_MAX_ROWS or (self.interleaved and invariant()):
             y = torch.ops.openautoglm.ggml_gemv(x2, self.raw, self.type_id, self.in_features)
         else:
             w = _workspace(self.out_features, self.in_features, torch.bfloat16 if self.bf16_gemm else torch.float32)

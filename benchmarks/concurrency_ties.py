@@ -12,6 +12,10 @@ Batched rows run other kernels than one row (a GEMM over the rows, not the GEMV;
 their logits differ in the last bits; a near-tie is where those bits decide the argmax.
 
     python benchmarks/concurrency_ties.py -m smollm2-135m-instruct --opt O3 --requests 48 --max-tokens 64
+
+``--shared-prefix N`` starts every prompt with one N-token slice (a system prompt) and compares, besides
+concurrent against alone, concurrent with the prefix cache on against off (requests then prefill only their tails
+after copying the prefix's keys and values).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--shared-prefix", type=int, default=0, help="tokens of one prefix before every prompt")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import torch
@@ -90,11 +95,12 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(0)
         lens = torch.randint(16, 161, (a.requests,), generator=g).tolist()
         starts = torch.randint(0, len(toks) - 200, (a.requests,), generator=g).tolist()
-        prompts = [toks[s:s + n] for s, n in zip(starts, lens)]
+        prefix = toks[-a.shared_prefix:] if a.shared_prefix else []
+        prompts = [prefix + toks[s:s + n] for s, n in zip(starts, lens)]
 
-        def sched():
+        def sched(cache=True):
             return Scheduler(e.model_runner(compile_missing=False), e.tokenizer, e.eos_ids, max_batch=a.max_batch,
-                             max_len=a.max_len, prefill_chunk=512)
+                             max_len=a.max_len, prefill_chunk=512, prefix_cache=cache)
 
         t0 = time.perf_counter()
         alone = [run(sched(), [p], a.max_tokens)[0] for p in prompts]
@@ -103,8 +109,17 @@ def main(argv=None) -> int:
         c = compare(alone, together)
         n = len(prompts)
         row = {"model": a.model, "level": e.optimize_level, "requests": n, "max_tokens": a.max_tokens,
-               "max_batch": a.max_batch, "compiled_steps": s.compiled_steps, "seconds": round(time.perf_counter() - t0, 1),
-               **c, "near_tie_rate": len(c["near_ties"]) / n}
+               "max_batch": a.max_batch, "shared_prefix": a.shared_prefix, "cached_tokens": s.cached_tokens,
+               "compiled_steps": s.compiled_steps, **c, "near_tie_rate": len(c["near_ties"]) / n}
+        if a.shared_prefix:
+            off = sched(cache=False)
+            nc = compare(run(off, prompts, a.max_tokens), together)
+            row["cache_on_vs_off"] = {**nc, "near_tie_rate": len(nc["near_ties"]) / n}
+            print(f"{a.model} {e.optimize_level}: prefix cache on ({s.cached_tokens} prompt tokens from the cache) vs "
+                  f"off: {nc['identical']} identical, {len(nc['near_ties'])} part at a near-tie, "
+                  f"{len(nc['failures'])} part otherwise", flush=True)
+            c["failures"] += nc["failures"]
+        row["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(row)
         print(f"{a.model} {e.optimize_level}: {n} requests x {a.max_tokens} tokens, concurrent (max batch "
               f"{a.max_batch}) vs alone: {c['identical']} identical, {len(c['near_ties'])} part at a near-tie "

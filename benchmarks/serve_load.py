@@ -1,13 +1,13 @@
 """Load benchmark for ``openautoglm serve`` against llama.cpp's own ``llama-server`` (continuous batching,
 ``-np`` slots; built by ``make install-peers``) and llama-cpp-python's server, on the same GGUF, same run.
 
-Each level of concurrency C runs C clients; each sends ``--requests`` streaming completions one after the
-other (greedy, ``--max-tokens`` new tokens), each with its own ``--prompt-tokens`` slice of real text from
-pydoc_data.topics, so neither server can serve a prompt from a cached prefix (``--shared-prefix N`` puts one
-common N-token prefix, a system prompt, before every request's own text: the prefix-caching workload). We record the
-aggregate generated tokens per second over the level's wall time, and the p50/p99 of time to first token and
-of inter-token latency (gaps between streamed chunks). Both servers are started here, on loopback, and stopped
-at the end.
+Each level of concurrency C runs C clients; each sends ``--requests`` (or enough for ``--min-requests`` in all)
+streaming completions one after the other (greedy, ``--max-tokens`` new tokens), each with its own
+``--prompt-tokens`` slice of real text from pydoc_data.topics, so neither server can serve a prompt from a cached
+prefix (``--shared-prefix N`` puts one common N-token prefix, a system prompt, before every request's own text:
+the prefix-caching workload). We record the aggregate generated tokens per second over the level's wall time,
+and the p50/p99 of time to first token and of inter-token latency (gaps between streamed chunks). Both servers
+are started here, on loopback, and stopped at the end.
 
     python benchmarks/serve_load.py --concurrency 1,4,16 --json benchmarks/results/serve-load-smollm2-xeon-avx512.json
 
@@ -127,6 +127,8 @@ def main():
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=2, help="requests per client at each level")
+    ap.add_argument("--min-requests", type=int, default=0,
+                    help="at least this many requests per level in all (more per client at low concurrency)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--shared-prefix", type=int, default=0,
@@ -148,7 +150,8 @@ def main():
     path = resolve(a.model)
     tok = Tokenizer.from_gguf_metadata(open_checkpoint(path).tokenizer["metadata"])
     levels = [int(x) for x in a.concurrency.split(",")]
-    n_prompts = sum(levels) * a.requests + 1  # no prompt repeats, across levels either
+    per_client = {c: max(a.requests, -(-a.min_requests // c)) for c in levels}
+    n_prompts = sum(c * per_client[c] for c in levels) + 1  # no prompt repeats, across levels either
     ids = prompt_tokens(tok, a.prompt_tokens * n_prompts + a.shared_prefix)
     shared, ids = ids[: a.shared_prefix], ids[a.shared_prefix :]
     prompts = [tok.decode(shared + ids[i * a.prompt_tokens : (i + 1) * a.prompt_tokens]) for i in range(n_prompts)]
@@ -188,8 +191,9 @@ def main():
             results[system] = []
             first = 0
             for c in levels:
-                r = asyncio.run(level(url, prompts[first : first + c * a.requests], c, a.requests, a.max_tokens, extra))
-                first += c * a.requests
+                n = per_client[c]
+                r = asyncio.run(level(url, prompts[first : first + c * n], c, n, a.max_tokens, extra))
+                first += c * n
                 r["server_peak_rss_mb"] = peak_rss_mb(proc.pid)
                 results[system].append(r)
                 print(f"{system:18s} C={c:<3d} {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50']:.3f}s "

@@ -193,7 +193,8 @@ def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
 
     ``mask=None``: k/v are the T positions of q themselves, attended causally, instead of a mask over the whole
     planned cache (SmolLM2, a 256-token prompt over a 512-slot plan: 47 -> 30 ms of attention a prefill)."""
-    if mask is not None and not isinstance(k, tuple) and invariant() and not torch.compiler.is_compiling():
+    if (mask is not None and not isinstance(k, tuple) and q.device.type == "cpu" and invariant()
+            and not torch.compiler.is_compiling()):  # (the operator is CPU code)
         op = _decode_op()
         if op is not None:
             return _per_query(op, q, k, v, mask, scale)

@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--shared-prefix", type=int, default=0, help="tokens of one prefix before every prompt")
+    ap.add_argument("--kv-dtype", default="auto", help="the KV cache's dtype (as serve --kv-dtype)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import torch
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     results = []
     for level in a.opt.split(","):
         e = Engine(model=a.model, progress=False)
-        e.compile(level, max_batch=a.max_batch, max_len=a.max_len)
+        e.compile(level, max_batch=a.max_batch, max_len=a.max_len, kv_dtype=a.kv_dtype)
         toks = e.tokenizer.encode(evaluation_text()[:400_000], add_special_tokens=False)
         g = torch.Generator().manual_seed(0)
         lens = torch.randint(16, 161, (a.requests,), generator=g).tolist()
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
         together = run(s, prompts, a.max_tokens)
         c = compare(alone, together)
         n = len(prompts)
-        row = {"model": a.model, "level": e.optimize_level, "requests": n, "max_tokens": a.max_tokens,
+        row = {"model": a.model, "level": e.optimize_level, "kv_dtype": a.kv_dtype, "requests": n,
+               "max_tokens": a.max_tokens,
                "max_batch": a.max_batch, "shared_prefix": a.shared_prefix, "cached_tokens": s.cached_tokens,
                "compiled_steps": s.compiled_steps, **c, "near_tie_rate": len(c["near_ties"]) / n}
         if a.shared_prefix:

@@ -84,3 +84,30 @@ def test_the_decode_operator_does_not_depend_on_the_attended_length_or_the_batch
                 torch.ones(1, 1, 1, int(ext[i]), dtype=torch.bool), None) for i in range(3)]
     for o in outs:
         assert torch.equal(o, torch.cat(alone))
+
+
+def test_batch_invariant_attention_over_the_int8_cache_is_the_q8_operator_alone():
+    """The int8 cache's (codes, scales, key smoothing): each prompt query under ``batch_invariant`` is bit for bit
+    the q8 decode operator on that query alone, with the smoothing applied to the query as O3's decode step does."""
+    from openautoglm.models.layers import batch_invariant, quantize_kv
+
+    _ops()
+    op = torch.ops.openautoglm.decode_attention_q8
+    g = torch.Generator().manual_seed(3)
+    B, H, KV, S, D, T = 2, 6, 2, 200, 64, 21
+    (kq, ks), (vq, vs) = (quantize_kv(torch.randn(B, KV, S, D, generator=g)) for _ in range(2))
+    sm = torch.rand(KV, D, generator=g) + 0.5
+    pos = torch.tensor([[150 + t for t in range(T)], [30 + t for t in range(T)]])
+    q = torch.randn(B, H, T, D, generator=g)
+    mask = torch.arange(S)[None, None, None, :] <= pos[:, None, :, None]
+    with batch_invariant():
+        got = attention(q, (kq, ks, sm), (vq, vs), mask)
+    qs = q * sm.repeat_interleave(H // KV, 0)[None, :, None, :]
+    for b in range(B):
+        for t in (0, 11, T - 1):
+            n = int(pos[b, t]) + 1
+            alone = op(qs[b:b + 1, :, t:t + 1], kq[b:b + 1, :, :n], ks[b:b + 1, :, :n], vq[b:b + 1, :, :n],
+                       vs[b:b + 1, :, :n], torch.ones(1, 1, 1, n, dtype=torch.bool), None)
+            assert torch.equal(got[b, t], alone.reshape(H * D)), (b, t)
+    # outside the context: the dequantized SDPA path, the same attention within rounding
+    torch.testing.assert_close(attention(q, (kq, ks, sm), (vq, vs), mask), got, atol=2e-3, rtol=2e-3)

@@ -167,9 +167,9 @@ def invariant() -> bool:
     return getattr(_INVARIANT, "on", False)
 
 
-def _decode_op():
+def _decode_op(int8: bool = False):
     try:
-        return torch.ops.openautoglm.decode_attention
+        return torch.ops.openautoglm.decode_attention_q8 if int8 else torch.ops.openautoglm.decode_attention
     except (AttributeError, RuntimeError):
         return None
 
@@ -177,13 +177,26 @@ def _decode_op():
 def _per_query(op, q, k, v, mask, scale):
     """q (B, H, T, hd) over k/v (B, KV, S, hd) and mask (B, 1, T, S): each query on its own (batch_invariant)."""
     B, H, T, D = q.shape
+    if isinstance(k, tuple):  # the int8 cache: codes and scales read as stored, the queries take the key smoothing
+        # (as O3's DecodeAttention computes a decode step)
+        KV = k[2].shape[0]
+        qs = q.float() * k[2].repeat_interleave(H // KV, 0)[None, :, None, :]
+        kv = (k[0], k[1], v[0], v[1])
+
+        def call(qq, rows, m):
+            return op(qq, *(t[rows].expand(qq.shape[0], *t.shape[1:]) if T > 1 else t for t in kv), m,
+                      scale).to(q.dtype)
+    else:
+        qs = q
+
+        def call(qq, rows, m):
+            return op(qq, *(t[rows].expand(qq.shape[0], *t.shape[1:]) if T > 1 else t for t in (k, v)), m, scale)
     if T == 1:
-        return op(q, k, v, mask, scale).reshape(B, 1, H * D)
+        return call(qs, slice(None), mask).reshape(B, 1, H * D)
     out = []
     for b in range(B):  # a row's T queries as T rows of one query, over that row's keys (a stride-0 batch)
-        qb = q[b].transpose(0, 1).reshape(T, H, 1, D)
-        kb, vb = k[b:b + 1].expand(T, *k.shape[1:]), v[b:b + 1].expand(T, *v.shape[1:])
-        out.append(op(qb, kb, vb, mask[b, 0][:, None, None, :], scale).reshape(1, T, H * D))
+        qb = qs[b].transpose(0, 1).reshape(T, H, 1, D)
+        out.append(call(qb, slice(b, b + 1), mask[b, 0][:, None, None, :]).reshape(1, T, H * D))
     return torch.cat(out)
 
 
@@ -193,9 +206,8 @@ def attention(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
 
     ``mask=None``: k/v are the T positions of q themselves, attended causally, instead of a mask over the whole
     planned cache (SmolLM2, a 256-token prompt over a 512-slot plan: 47 -> 30 ms of attention a prefill)."""
-    if (mask is not None and not isinstance(k, tuple) and q.device.type == "cpu" and invariant()
-            and not torch.compiler.is_compiling()):  # (the operator is CPU code)
-        op = _decode_op()
+    if mask is not None and q.device.type == "cpu" and invariant() and not torch.compiler.is_compiling():
+        op = _decode_op(isinstance(k, tuple))  # (the operators are CPU code)
         if op is not None:
             return _per_query(op, q, k, v, mask, scale)
     if isinstance(k, tuple):  # the int8 cache's (codes, scales, key smoothing) and (codes, scales)

@@ -11,8 +11,8 @@
 - O3: O2 plus the kernel selector (``autotune.py``): per linear shape, format and token-count bucket the
   candidate kernels this CPU offers are timed, the fastest within the quality budget is kept, and choices
   are cached on disk keyed by shape, format, device, CPU flags, torch version and threads; decode's thread
-  count is tuned too (prompts run on every thread given: compute-bound, they always gain from them). Candidates include our own native kernels (``openautoglm.kernels``): int4 prefill runs as a bf16
-  GEMM (AMX where present) on weights dequantized per call, keeping no bf16 copy; decode can run our int4/int8
+  count is tuned too (prompts run on every thread given: compute-bound, they always gain from them). Candidates
+  include our own native kernels (``openautoglm.kernels``): int4 prefill runs as a bf16 GEMM (AMX where present) on weights dequantized per call, keeping no bf16 copy; decode can run our int4/int8
   GEMV operators and our decode attention operator, which the AOTInductor packages call. Where the decode
   attention is chosen and the activations are fp32, the planned KV cache is fp16 (``memory_plan.kv_dtype``).
 

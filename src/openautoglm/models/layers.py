@@ -182,15 +182,13 @@ def _per_query(op, q, k, v, mask, scale):
         KV = k[2].shape[0]
         qs = q.float() * k[2].repeat_interleave(H // KV, 0)[None, :, None, :]
         kv = (k[0], k[1], v[0], v[1])
-
-        def call(qq, rows, m):
-            return op(qq, *(t[rows].expand(qq.shape[0], *t.shape[1:]) if T > 1 else t for t in kv), m,
-                      scale).to(q.dtype)
     else:
-        qs = q
+        qs, kv = q, (k, v)
 
-        def call(qq, rows, m):
-            return op(qq, *(t[rows].expand(qq.shape[0], *t.shape[1:]) if T > 1 else t for t in (k, v)), m, scale)
+    def call(qq, rows, m):  # (int8: the operator answers in fp32)
+        ts = kv if T == 1 else tuple(t[rows].expand(qq.shape[0], *t.shape[1:]) for t in kv)
+        return op(qq, *ts, m, scale).to(q.dtype)
+
     if T == 1:
         return call(qs, slice(None), mask).reshape(B, 1, H * D)
     out = []

@@ -19,6 +19,8 @@ The planned cache's row 0 may still hold the keys and values of the last single-
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..models.layers import batch_invariant
@@ -122,7 +124,8 @@ class ModelRunner:
         self._select(None if leading else rows)
         self.cache.static_len = static
         try:
-            with torch.inference_mode(), batch_invariant(self.invariant):
+            # (the context only where asked: this is every token's path)
+            with torch.inference_mode(), batch_invariant() if self.invariant else contextlib.nullcontext():
                 out = self.model(ids[:, None].to(self.device), positions[:, None].to(self.device), self.cache)[:, -1]
         finally:
             self.cache.static_len = None
